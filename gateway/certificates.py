@@ -1,0 +1,537 @@
+"""Certificate tooling: a small private CA for the gateway pair, and the `certs` CLI.
+
+Everything here is offline file work with `cryptography`; nothing at run time depends on it
+except `fingerprint_sha256`, which the TLS layer shares so that logs, `certs show` and the
+policy all print the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+KeyType = Literal["ec", "rsa"]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+CA_DAYS = 3650
+LEAF_DAYS = 365
+# Backdate notBefore so a peer whose clock is a little behind still accepts a fresh cert.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+RSA_BITS = 3072
+
+DEMO_CA_CN = "usbip-gateway demo CA"
+DEMO_SERVER_CN = "usbip-gateway server"
+DEMO_CLIENT_CN = "demo-client"
+DEMO_CLIENT_URI = "spiffe://usbip-gateway.local/client/demo"
+
+
+class PKIError(Exception):
+    """A certificate-tooling failure with a message fit for one line on stderr."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key."""
+
+    cert: x509.Certificate
+    key: PrivateKey
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        # Unencrypted because the gateway loads it unattended; file mode 0600 protects it.
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+@dataclass(frozen=True)
+class DemoPKI:
+    """Paths written by `make_demo_pki`."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    """Lower-case hex SHA-256 of the DER certificate, no separators."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def generate_key(key_type: KeyType = "ec") -> PrivateKey:
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(common_name: str) -> x509.Name:
+    if not common_name:
+        raise PKIError("common name must not be empty")
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _validity(days: int, not_before: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    if days < 1:
+        raise PKIError(f"validity must be at least 1 day, got {days}")
+    start = not_before or dt.datetime.now(dt.UTC) - CLOCK_SKEW
+    return start, start + dt.timedelta(days=days)
+
+
+def create_ca(
+    common_name: str = "usbip-gateway CA",
+    *,
+    days: int = CA_DAYS,
+    key_type: KeyType = "ec",
+    not_before: dt.datetime | None = None,
+) -> Issued:
+    """A self-signed CA that may sign leaf certificates only (path length 0)."""
+    key = generate_key(key_type)
+    start, end = _validity(days, not_before)
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert, key)
+
+
+def _issue_leaf(
+    ca: Issued,
+    *,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    dns_names: Iterable[str],
+    ip_addresses: Iterable[str | IPAddress],
+    uris: Iterable[str],
+    days: int,
+    key_type: KeyType,
+    not_before: dt.datetime | None,
+) -> Issued:
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+    for ip in ip_addresses:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise PKIError(f"not an IP address: {ip!r}") from None
+    sans.extend(x509.UniformResourceIdentifier(u) for u in uris)
+    key = generate_key(key_type)
+    start, end = _validity(days, not_before)
+    # A leaf that outlives its CA would only fail later and more confusingly.
+    end = min(end, ca.cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                # RSA key transport exists only in TLS 1.2; harmless to allow it there.
+                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def issue_server_cert(
+    ca: Issued,
+    *,
+    common_name: str = DEMO_SERVER_CN,
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str | IPAddress] = (),
+    uris: Sequence[str] = (),
+    days: int = LEAF_DAYS,
+    key_type: KeyType = "ec",
+    not_before: dt.datetime | None = None,
+) -> Issued:
+    """A serverAuth certificate; clients check their target host against its SAN DNS/IP."""
+    if not dns_names and not ip_addresses:
+        raise PKIError("a server certificate needs at least one DNS name or IP address")
+    return _issue_leaf(
+        ca,
+        common_name=common_name,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        uris=uris,
+        days=days,
+        key_type=key_type,
+        not_before=not_before,
+    )
+
+
+def issue_client_cert(
+    ca: Issued,
+    *,
+    common_name: str,
+    uris: Sequence[str] = (),
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str | IPAddress] = (),
+    days: int = LEAF_DAYS,
+    key_type: KeyType = "ec",
+    not_before: dt.datetime | None = None,
+) -> Issued:
+    """A clientAuth certificate; the server policy matches its CN, SAN URIs and SAN DNS."""
+    return _issue_leaf(
+        ca,
+        common_name=common_name,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        uris=uris,
+        days=days,
+        key_type=key_type,
+        not_before=not_before,
+    )
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def _write_new(path: Path, data: bytes, mode: int, *, force: bool) -> None:
+    """Write `data` so the file never exists with wider permissions than `mode`."""
+    if force:
+        # Write beside the target and rename over it: a reader never sees a partial file,
+        # and an existing file's (possibly wider) mode is not inherited.
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        _write_exclusive(tmp, data, mode)
+        os.replace(tmp, path)
+    else:
+        _write_exclusive(path, data, mode)
+
+
+def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise PKIError(f"{path} already exists (use --force to overwrite)") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def write_issued(
+    issued: Issued,
+    cert_path: str | os.PathLike[str],
+    key_path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> None:
+    """Write the certificate (0644) and key (0600); refuse to replace files unless `force`."""
+    cert_p, key_p = Path(cert_path), Path(key_path)
+    if not force:
+        # Check both first so a refusal never leaves half a pair behind.
+        for p in (cert_p, key_p):
+            if p.exists():
+                raise PKIError(f"{p} already exists (use --force to overwrite)")
+    _write_new(key_p, issued.key_pem(), 0o600, force=force)
+    _write_new(cert_p, issued.cert_pem(), 0o644, force=force)
+
+
+def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PKIError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise PKIError(f"{path}: not a PEM certificate") from None
+
+
+def load_issued(cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> Issued:
+    cert = load_certificate(cert_path)
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except OSError as exc:
+        raise PKIError(f"cannot read {key_path}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise PKIError(f"{key_path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise PKIError(f"{key_path}: unsupported key type {type(key).__name__}")
+    if key.public_key() != cert.public_key():
+        raise PKIError(f"{key_path} does not match {cert_path}")
+    return Issued(cert, key)
+
+
+def load_ca(directory: str | os.PathLike[str]) -> Issued:
+    d = Path(directory)
+    cert_p, key_p = d / "ca.pem", d / "ca.key"
+    if not cert_p.exists() or not key_p.exists():
+        raise PKIError(
+            f"no CA in {d} (need ca.pem and ca.key; run `usbip-gateway certs init --dir {d}`)"
+        )
+    return load_issued(cert_p, key_p)
+
+
+def make_demo_pki(directory: str | os.PathLike[str], *, force: bool = False) -> DemoPKI:
+    """A throwaway CA plus a loopback server and a demo client, for trying things out."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = DemoPKI(
+        d / "ca.pem",
+        d / "ca.key",
+        d / "server.pem",
+        d / "server.key",
+        d / "client.pem",
+        d / "client.key",
+    )
+    if not force:
+        for p in vars(paths).values():
+            if p.exists():
+                raise PKIError(f"{p} already exists (use --force to overwrite)")
+    ca = create_ca(DEMO_CA_CN)
+    server = issue_server_cert(
+        ca,
+        common_name=DEMO_SERVER_CN,
+        dns_names=["localhost"],
+        ip_addresses=["127.0.0.1", "::1"],
+    )
+    client = issue_client_cert(ca, common_name=DEMO_CLIENT_CN, uris=[DEMO_CLIENT_URI])
+    write_issued(ca, paths.ca_cert, paths.ca_key, force=force)
+    write_issued(server, paths.server_cert, paths.server_key, force=force)
+    write_issued(client, paths.client_cert, paths.client_key, force=force)
+    return paths
+
+
+# --- describing ----------------------------------------------------------------------------
+
+
+def _cn(name: x509.Name) -> str | None:
+    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else None
+
+
+def _key_desc(cert: x509.Certificate) -> str:
+    pub = cert.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        return f"RSA {pub.key_size}"
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        return f"EC {pub.curve.name}"
+    return type(pub).__name__
+
+
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+}
+
+
+def describe_certificate(cert: x509.Certificate, *, now: dt.datetime | None = None) -> str:
+    """Human-readable summary, one field a line."""
+    now = now or dt.datetime.now(dt.UTC)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start:
+        state = "not yet valid"
+    elif now > end:
+        state = "EXPIRED"
+    else:
+        state = f"{(end - now).days} days left"
+    lines = [
+        f"subject:     {cert.subject.rfc4514_string()}",
+        f"issuer:      {cert.issuer.rfc4514_string()}",
+        f"serial:      {cert.serial_number:#x}",
+        f"not before:  {start.isoformat()}",
+        f"not after:   {end.isoformat()} ({state})",
+        f"key:         {_key_desc(cert)}",
+    ]
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    lines.append(f"CA:          {'yes' if is_ca else 'no'}")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        lines.append("usage:       " + ", ".join(_EKU_NAMES.get(o, o.dotted_string) for o in eku))
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    for label, kind in (
+        ("SAN DNS", x509.DNSName),
+        ("SAN IP", x509.IPAddress),
+        ("SAN URI", x509.UniformResourceIdentifier),
+    ):
+        values = [str(v) for v in san.get_values_for_type(kind)]
+        if values:
+            lines.append(f"{label + ':':<13}{', '.join(values)}")
+    lines.append(f"sha256:      {fingerprint_sha256(cert)}")
+    return "\n".join(lines)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+CommandFunc = Callable[[argparse.Namespace], int]
+
+
+def _fail(message: str) -> int:
+    print(f"usbip-gateway certs: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _guarded(func: CommandFunc) -> CommandFunc:
+    """Turn expected failures into one line on stderr and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except PKIError as exc:
+            return _fail(str(exc))
+        except OSError as exc:
+            return _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+
+    return run
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    ca = create_ca(args.cn, days=args.days, key_type="rsa" if args.rsa else "ec")
+    write_issued(ca, d / "ca.pem", d / "ca.key", force=args.force)
+    print(f"wrote {d / 'ca.pem'} and {d / 'ca.key'}")
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    name: str = args.name
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise PKIError(f"--name must be a plain file name, got {name!r}")
+    if name == "ca":
+        raise PKIError("--name ca would overwrite the CA")
+    d = Path(args.dir)
+    ca = load_ca(d)
+    issue = issue_server_cert if args.kind == "server" else issue_client_cert
+    issued = issue(
+        ca,
+        common_name=args.cn or name,
+        dns_names=args.dns,
+        ip_addresses=args.ip,
+        uris=args.uri,
+        days=args.days,
+    )
+    write_issued(issued, d / f"{name}.pem", d / f"{name}.key", force=args.force)
+    print(f"wrote {d / f'{name}.pem'} and {d / f'{name}.key'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    paths = make_demo_pki(args.dir, force=args.force)
+    print(f"wrote demo CA, server and client certificates to {paths.ca_cert.parent}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    print(describe_certificate(load_certificate(args.file)))
+    return 0
+
+
+def add_certs_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add `certs init|issue|demo|show`; each sets `func(namespace) -> exit status`."""
+    certs = subparsers.add_parser("certs", help="create and inspect gateway certificates")
+    sub = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
+
+    init = sub.add_parser("init", help="create a CA (DIR/ca.pem, DIR/ca.key)")
+    init.add_argument("--dir", required=True, help="directory for the CA files")
+    init.add_argument("--cn", default="usbip-gateway CA", help="CA common name")
+    init.add_argument("--days", type=int, default=CA_DAYS, help="validity in days")
+    init.add_argument("--rsa", action="store_true", help="RSA 3072 instead of EC P-256")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(func=_guarded(_cmd_init))
+
+    issue = sub.add_parser("issue", help="issue DIR/NAME.pem and DIR/NAME.key from DIR's CA")
+    issue.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
+    issue.add_argument("--kind", required=True, choices=("server", "client"))
+    issue.add_argument("--name", required=True, help="output file stem")
+    issue.add_argument("--cn", help="subject common name (default: NAME)")
+    for flag, what in (
+        ("--dns", "SAN DNS name"),
+        ("--ip", "SAN IP address"),
+        ("--uri", "SAN URI, e.g. spiffe://example.org/ns/x/sa/y"),
+    ):
+        issue.add_argument(flag, action="extend", nargs="+", default=[], metavar="V", help=what)
+    issue.add_argument("--days", type=int, default=LEAF_DAYS, help="validity in days")
+    issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.set_defaults(func=_guarded(_cmd_issue))
+
+    demo = sub.add_parser("demo", help="write a throwaway CA, server and client into DIR")
+    demo.add_argument("--dir", required=True)
+    demo.add_argument("--force", action="store_true", help="overwrite existing files")
+    demo.set_defaults(func=_guarded(_cmd_demo))
+
+    show = sub.add_parser("show", help="print a certificate's subject, SANs, validity")
+    show.add_argument("file")
+    show.set_defaults(func=_guarded(_cmd_show))
+    return certs
