@@ -1,0 +1,428 @@
+"""Byte streams to events and back, without any I/O.
+
+`Connection` is one endpoint (a simulator, a load generator, a test client): bytes from
+its peer in, events out; events in, bytes out. `Splice` is a relay's view: bytes from
+both ends in, each frame out as an event together with its exact bytes, so a relay
+forwards frames unchanged and still knows what every one of them means.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from .constants import (
+    ISO_DESCRIPTOR,
+    NO_ISO_PACKETS,
+    OP_HEADER,
+    URB_HEADER_SIZE,
+    USBIP_VERSION,
+    Direction,
+    OpCode,
+    OpStatus,
+    UrbCommand,
+)
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import (
+    CMD_SUBMIT_HEADER,
+    CMD_UNLINK_HEADER,
+    RET_SUBMIT_HEADER,
+    RET_UNLINK_HEADER,
+    CmdSubmit,
+    CmdUnlink,
+    ConnectionClosed,
+    Event,
+    IsoPacket,
+    OpReplyDevlist,
+    OpReplyImport,
+    OpRequestDevlist,
+    OpRequestImport,
+    RetSubmit,
+    RetUnlink,
+)
+from .records import (
+    DEVICE_RECORD_SIZE,
+    INTERFACE_RECORD_SIZE,
+    DeviceInfo,
+    ExportedDevice,
+    InterfaceInfo,
+    decode_cstring,
+)
+from .state import Limits, PendingUrb, Phase, ProtocolState, Role
+
+_U32 = struct.Struct(">I")
+_BUSID_END = OP_HEADER.size + 32
+
+
+class NeedData:
+    """Returned when no whole message is buffered yet (a sentinel, like h11's)."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One message as a relay sees it: what it means, its exact bytes, its URB."""
+
+    event: Event
+    raw: bytes
+    urb: PendingUrb | None = None
+
+
+def _iso_packets(buf: bytearray, offset: int, count: int) -> tuple[IsoPacket, ...]:
+    unpack = ISO_DESCRIPTOR.unpack_from
+    size = ISO_DESCRIPTOR.size
+    return tuple(IsoPacket(*unpack(buf, offset + i * size)) for i in range(count))
+
+
+def _take(buf: bytearray, start: int, end: int) -> bytes:
+    with memoryview(buf) as view:
+        return view[start:end].tobytes()
+
+
+class _Reader:
+    """Buffers one direction's bytes and cuts whole messages off its front."""
+
+    def __init__(self, sender: Role) -> None:
+        self.sender = sender
+        self._buf = bytearray()
+        self._eof = False
+        self._need = 1  # bytes to wait for before trying again; a hint only
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            if data:
+                raise LocalProtocolError("data received after end of stream")
+            return
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next(
+        self, state: ProtocolState, keep_raw: bool
+    ) -> tuple[Event, bytes, PendingUrb | None] | NeedData:
+        buf = self._buf
+        if len(buf) >= self._need:
+            parsed = self._parse(state)
+            if parsed is not None:
+                event, end = parsed
+                raw = _take(buf, 0, end) if keep_raw else b""
+                del buf[:end]
+                self._need = 1
+                return event, raw, state.apply(self.sender, event, RemoteProtocolError)
+        if self._eof:
+            if buf:
+                state.phase = Phase.ERROR
+                raise RemoteProtocolError(
+                    f"the {self.sender.value} closed the connection mid-message "
+                    f"({len(buf)} bytes unparsed)"
+                )
+            return ConnectionClosed(), b"", None
+        return NEED_DATA
+
+    def _parse(self, state: ProtocolState) -> tuple[Event, int] | None:
+        phase = state.phase
+        client = self.sender is Role.CLIENT
+        if phase is Phase.URB:
+            return self._parse_cmd(state) if client else self._parse_ret(state)
+        if phase is Phase.OP_REQUEST and client:
+            return self._parse_request()
+        if phase is Phase.DEVLIST_REPLY and not client:
+            return self._parse_devlist_reply(state)
+        if phase is Phase.IMPORT_REPLY and not client:
+            return self._parse_import_reply()
+        if phase is Phase.ERROR:
+            raise RemoteProtocolError("the connection already failed")
+        state.phase = Phase.ERROR
+        raise RemoteProtocolError(
+            f"the {self.sender.value} sent {len(self._buf)} bytes in phase {phase.value}, "
+            "where it has nothing to say"
+        )
+
+    # -- op phase
+
+    def _op_header(self, expect: tuple[OpCode, ...]) -> tuple[int, int] | None:
+        buf = self._buf
+        if len(buf) < OP_HEADER.size:
+            self._need = OP_HEADER.size
+            return None
+        version, code, status = OP_HEADER.unpack_from(buf)
+        if version != USBIP_VERSION:
+            raise RemoteProtocolError(f"USB/IP version {version:#06x} is not {USBIP_VERSION:#06x}")
+        if code not in expect:
+            names = " or ".join(c.name for c in expect)
+            raise RemoteProtocolError(f"op code {code:#06x} where {names} was expected")
+        return code, status
+
+    def _parse_request(self) -> tuple[Event, int] | None:
+        head = self._op_header((OpCode.REQ_DEVLIST, OpCode.REQ_IMPORT))
+        if head is None:
+            return None
+        code, status = head
+        if status != 0:
+            raise RemoteProtocolError(f"op request with non-zero status {status}")
+        if code == OpCode.REQ_DEVLIST:
+            return OpRequestDevlist(), OP_HEADER.size
+        if len(self._buf) < _BUSID_END:
+            self._need = _BUSID_END
+            return None
+        busid = decode_cstring(bytes(self._buf[OP_HEADER.size : _BUSID_END]), "requested busid")
+        try:
+            return OpRequestImport(busid), _BUSID_END
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError(str(exc)) from exc
+
+    def _parse_import_reply(self) -> tuple[Event, int] | None:
+        head = self._op_header((OpCode.REP_IMPORT,))
+        if head is None:
+            return None
+        status = head[1]
+        if status != OpStatus.OK:
+            return OpReplyImport(status), OP_HEADER.size
+        end = OP_HEADER.size + DEVICE_RECORD_SIZE
+        if len(self._buf) < end:
+            self._need = end
+            return None
+        return OpReplyImport(status, DeviceInfo.decode(self._buf, OP_HEADER.size)), end
+
+    def _parse_devlist_reply(self, state: ProtocolState) -> tuple[Event, int] | None:
+        head = self._op_header((OpCode.REP_DEVLIST,))
+        if head is None:
+            return None
+        status = head[1]
+        if status != OpStatus.OK:
+            return OpReplyDevlist(status=status), OP_HEADER.size
+        buf = self._buf
+        pos = OP_HEADER.size + _U32.size
+        if len(buf) < pos:
+            self._need = pos
+            return None
+        (count,) = _U32.unpack_from(buf, OP_HEADER.size)
+        if count > state.limits.max_devices:
+            raise RemoteProtocolError(
+                f"DEVLIST reply lists {count} devices, over the limit of {state.limits.max_devices}"
+            )
+        devices = []
+        for _ in range(count):
+            if len(buf) < pos + DEVICE_RECORD_SIZE:
+                self._need = pos + DEVICE_RECORD_SIZE
+                return None
+            info = DeviceInfo.decode(buf, pos)
+            pos += DEVICE_RECORD_SIZE
+            end = pos + INTERFACE_RECORD_SIZE * info.num_interfaces
+            if len(buf) < end:
+                self._need = end
+                return None
+            interfaces = tuple(
+                InterfaceInfo.decode(buf, offset)
+                for offset in range(pos, end, INTERFACE_RECORD_SIZE)
+            )
+            devices.append(ExportedDevice(info, interfaces))
+            pos = end
+        return OpReplyDevlist(tuple(devices)), pos
+
+    # -- URB phase
+
+    def _urb_command(self) -> int | None:
+        if len(self._buf) < URB_HEADER_SIZE:
+            self._need = URB_HEADER_SIZE
+            return None
+        command: int = _U32.unpack_from(self._buf)[0]
+        return command
+
+    def _parse_cmd(self, state: ProtocolState) -> tuple[Event, int] | None:
+        command = self._urb_command()
+        if command is None:
+            return None
+        buf = self._buf
+        if command == UrbCommand.CMD_SUBMIT:
+            (_, seqnum, devid, direction, ep, flags, length, start, np, interval, setup) = (
+                CMD_SUBMIT_HEADER.unpack_from(buf)
+            )
+            if direction not in (Direction.OUT, Direction.IN):
+                raise RemoteProtocolError(f"CMD_SUBMIT direction {direction} is neither 0 nor 1")
+            if not 0 <= ep <= 15:
+                raise RemoteProtocolError(f"CMD_SUBMIT endpoint {ep} is not 0..15")
+            if not 0 <= length <= state.limits.max_transfer_length:
+                raise RemoteProtocolError(
+                    f"transfer_buffer_length {length} is outside "
+                    f"0..{state.limits.max_transfer_length}"
+                )
+            direction = Direction(direction)
+            iso = state.is_iso(ep, direction, np)
+            if iso and not 0 < np <= state.limits.max_iso_packets:
+                raise RemoteProtocolError(
+                    f"{np if np != NO_ISO_PACKETS else -1} ISO packets is outside "
+                    f"1..{state.limits.max_iso_packets}"
+                )
+            data_end = URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
+            end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
+            if len(buf) < end:
+                self._need = end
+                return None
+            try:
+                event: Event = CmdSubmit(
+                    seqnum=seqnum,
+                    devid=devid,
+                    direction=direction,
+                    ep=ep,
+                    transfer_buffer_length=length,
+                    transfer_flags=flags,
+                    start_frame=start,
+                    number_of_packets=np,
+                    interval=interval,
+                    setup=setup,
+                    data=_take(buf, URB_HEADER_SIZE, data_end),
+                    iso_packets=_iso_packets(buf, data_end, np) if iso else (),
+                )
+            except LocalProtocolError as exc:
+                raise RemoteProtocolError(str(exc)) from exc
+            return event, end
+        if command == UrbCommand.CMD_UNLINK:
+            _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf)
+            return CmdUnlink(seqnum, unlink, devid, direction, ep), URB_HEADER_SIZE
+        raise RemoteProtocolError(f"URB command {command} from the client (expected CMD_*)")
+
+    def _parse_ret(self, state: ProtocolState) -> tuple[Event, int] | None:
+        command = self._urb_command()
+        if command is None:
+            return None
+        buf = self._buf
+        if command == UrbCommand.RET_SUBMIT:
+            (_, seqnum, devid, direction, ep, status, actual, start, np, errors) = (
+                RET_SUBMIT_HEADER.unpack_from(buf)
+            )
+            urb = state.pending.get(seqnum)
+            if urb is None:
+                raise RemoteProtocolError(f"RET_SUBMIT for seqnum {seqnum}, which is not pending")
+            if not 0 <= actual <= urb.transfer_buffer_length:
+                raise RemoteProtocolError(
+                    f"RET_SUBMIT actual_length {actual} is outside "
+                    f"0..{urb.transfer_buffer_length} (the length asked for)"
+                )
+            if urb.iso and np > urb.number_of_packets:
+                raise RemoteProtocolError(
+                    f"RET_SUBMIT has {np} ISO packets, the URB had {urb.number_of_packets}"
+                )
+            data_end = URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
+            end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
+            if len(buf) < end:
+                self._need = end
+                return None
+            try:
+                event: Event = RetSubmit(
+                    seqnum=seqnum,
+                    status=status,
+                    actual_length=actual,
+                    start_frame=start,
+                    number_of_packets=np,
+                    error_count=errors,
+                    data=_take(buf, URB_HEADER_SIZE, data_end),
+                    iso_packets=_iso_packets(buf, data_end, np) if urb.iso else (),
+                    devid=devid,
+                    direction=direction,
+                    ep=ep,
+                )
+            except LocalProtocolError as exc:
+                raise RemoteProtocolError(str(exc)) from exc
+            return event, end
+        if command == UrbCommand.RET_UNLINK:
+            _, seqnum, devid, direction, ep, status = RET_UNLINK_HEADER.unpack_from(buf)
+            return RetUnlink(seqnum, status, devid, direction, ep), URB_HEADER_SIZE
+        raise RemoteProtocolError(f"URB command {command} from the server (expected RET_*)")
+
+
+def _next(reader: _Reader, state: ProtocolState, keep_raw: bool) -> Frame | NeedData:
+    try:
+        result = reader.next(state, keep_raw)
+    except ProtocolError:
+        state.phase = Phase.ERROR
+        raise
+    if isinstance(result, NeedData):
+        return result
+    return Frame(*result)
+
+
+class Connection:
+    """One end of a USB/IP connection, in the style of h11.Connection."""
+
+    def __init__(self, our_role: Role, limits: Limits | None = None) -> None:
+        self.our_role = our_role
+        self.their_role = our_role.peer
+        self._state = ProtocolState(limits)
+        self._reader = _Reader(self.their_role)
+
+    @property
+    def phase(self) -> Phase:
+        return self._state.phase
+
+    @property
+    def state(self) -> ProtocolState:
+        return self._state
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the peer; b"" means it closed its end."""
+        self._reader.feed(data)
+
+    def next_event(self) -> Event | NeedData:
+        result = _next(self._reader, self._state, keep_raw=False)
+        return result if isinstance(result, NeedData) else result.event
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, ConnectionClosed):
+            return b""
+        self._state.apply(self.our_role, event, LocalProtocolError)
+        return event.encode()
+
+
+class Splice:
+    """A relay's view of one connection: both directions, one state."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self._state = ProtocolState(limits)
+        self._readers = {role: _Reader(role) for role in Role}
+
+    @property
+    def phase(self) -> Phase:
+        return self._state.phase
+
+    @property
+    def state(self) -> ProtocolState:
+        return self._state
+
+    def buffered(self, sender: Role) -> int:
+        return self._readers[sender].buffered
+
+    def receive_data(self, sender: Role, data: bytes | bytearray | memoryview) -> None:
+        self._readers[sender].feed(data)
+
+    def next_frame(self, sender: Role) -> Frame | NeedData:
+        return _next(self._readers[sender], self._state, keep_raw=True)
+
+    def inject(self, sender: Role, event: Event) -> bytes:
+        """A message the relay itself sends as if it came from `sender`, e.g. a refusal."""
+        if isinstance(event, ConnectionClosed):
+            raise LocalProtocolError("ConnectionClosed is not sent; close the stream")
+        self._state.apply(sender, event, LocalProtocolError)
+        return event.encode()
+
+    def replace(self, frame: Frame, event: Event) -> bytes:
+        """Bytes for `event` in place of the already-applied `frame` (a filtered DEVLIST).
+
+        Only op replies may be replaced; URB frames pass unchanged.
+        """
+        if type(event) is not type(frame.event) or not isinstance(
+            event, OpReplyDevlist | OpReplyImport
+        ):
+            raise LocalProtocolError("only an op reply can be replaced, by one of its kind")
+        return event.encode()

@@ -1,0 +1,255 @@
+"""What one USB/IP connection has said so far, and whether the next message may follow.
+
+Both directions share one `ProtocolState`: a RET_SUBMIT's length depends on the
+CMD_SUBMIT it answers, the URB phase begins with the IMPORT reply, and endpoint
+transfer types come from control replies. `apply` is called for every message in
+order, whoever sent it, and raises the error class the caller names.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .constants import KERNEL_MAX_ISO_PACKETS, NO_ISO_PACKETS, Direction, OpStatus, TransferType
+from .descriptors import EndpointMap, Setup
+from .errors import ProtocolError
+from .events import (
+    CmdSubmit,
+    CmdUnlink,
+    Event,
+    OpReplyDevlist,
+    OpReplyImport,
+    OpRequestDevlist,
+    OpRequestImport,
+    RetSubmit,
+    RetUnlink,
+)
+from .records import DeviceInfo
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # the importer: `usbip`, vhci-hcd
+    SERVER = "server"  # the exporter: usbipd, usbip-host
+
+    @property
+    def peer(self) -> Role:
+        return Role.SERVER if self is Role.CLIENT else Role.CLIENT
+
+
+class Phase(enum.Enum):
+    OP_REQUEST = "op-request"  # the client has not asked anything yet
+    DEVLIST_REPLY = "devlist-reply"
+    IMPORT_REPLY = "import-reply"
+    URB = "urb"  # after a successful import, until the connection ends
+    DONE = "done"  # a DEVLIST answered or an IMPORT refused: only closing is left
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """DoS bounds. The kernel stub caps ISO packets at 1024 and nothing else."""
+
+    max_transfer_length: int = 16 * 1024 * 1024
+    max_iso_packets: int = KERNEL_MAX_ISO_PACKETS
+    max_pending_urbs: int = 1024
+    max_devices: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_transfer_length < 2**31:
+            raise ValueError("max_transfer_length must be between 1 and 2**31-1")
+        if not 0 < self.max_iso_packets <= KERNEL_MAX_ISO_PACKETS:
+            raise ValueError(f"max_iso_packets must be between 1 and {KERNEL_MAX_ISO_PACKETS}")
+        if self.max_pending_urbs < 1 or self.max_devices < 1:
+            raise ValueError("max_pending_urbs and max_devices must be positive")
+
+
+@dataclass(slots=True)
+class PendingUrb:
+    """A submitted URB awaiting its RET_SUBMIT or RET_UNLINK.
+
+    `submitted_at` is for the I/O layer's clock; this layer never reads a clock.
+    """
+
+    seqnum: int
+    ep: int
+    direction: Direction
+    transfer_type: TransferType
+    iso: bool
+    transfer_buffer_length: int
+    number_of_packets: int
+    setup: Setup | None = None
+    submitted_at: float = 0.0
+    unlinked: bool = False
+
+
+def event_name(event: Event) -> str:
+    return type(event).__name__
+
+
+class ProtocolState:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.phase = Phase.OP_REQUEST
+        self.requested_busid: str | None = None
+        self.imported: DeviceInfo | None = None
+        self.endpoints = EndpointMap()
+        self.pending: dict[int, PendingUrb] = {}
+        self._unlinks: dict[int, int] = {}  # CMD_UNLINK seqnum -> seqnum it unlinks
+
+    def transfer_type(self, ep: int, direction: Direction) -> TransferType:
+        return self.endpoints.transfer_type(ep, direction)
+
+    def is_iso(self, ep: int, direction: Direction, number_of_packets: int) -> bool:
+        kind = self.endpoints.transfer_type(ep, direction)
+        if kind is TransferType.UNKNOWN:
+            return number_of_packets not in (0, NO_ISO_PACKETS)
+        return kind is TransferType.ISOCHRONOUS
+
+    def apply(self, sender: Role, event: Event, error: type[ProtocolError]) -> PendingUrb | None:
+        """Check `event` from `sender` against the state and advance it.
+
+        Returns the URB the event submitted, completed or unlinked, if any.
+        """
+        try:
+            return self._apply(sender, event, error)
+        except ProtocolError:
+            self.phase = Phase.ERROR
+            raise
+
+    def _apply(self, sender: Role, event: Event, error: type[ProtocolError]) -> PendingUrb | None:
+        phase = self.phase
+        kind = type(event)
+        if phase is Phase.URB:
+            if sender is Role.CLIENT:
+                if kind is CmdSubmit:
+                    return self._submit(event, error)  # type: ignore[arg-type]
+                if kind is CmdUnlink:
+                    return self._unlink(event, error)  # type: ignore[arg-type]
+            else:
+                if kind is RetSubmit:
+                    return self._complete(event, error)  # type: ignore[arg-type]
+                if kind is RetUnlink:
+                    return self._unlinked(event)  # type: ignore[arg-type]
+        elif phase is Phase.OP_REQUEST and sender is Role.CLIENT:
+            if kind is OpRequestDevlist:
+                self.phase = Phase.DEVLIST_REPLY
+                return None
+            if kind is OpRequestImport:
+                self.requested_busid = event.busid  # type: ignore[union-attr]
+                self.phase = Phase.IMPORT_REPLY
+                return None
+        elif phase is Phase.DEVLIST_REPLY and sender is Role.SERVER and kind is OpReplyDevlist:
+            if len(event.devices) > self.limits.max_devices:  # type: ignore[union-attr]
+                raise error(f"DEVLIST reply lists more than {self.limits.max_devices} devices")
+            self.phase = Phase.DONE
+            return None
+        elif phase is Phase.IMPORT_REPLY and sender is Role.SERVER and kind is OpReplyImport:
+            self._imported(event, error)  # type: ignore[arg-type]
+            return None
+        if phase is Phase.ERROR:
+            raise error("the connection already failed")
+        raise error(
+            f"{event_name(event)} from the {sender.value} is not allowed in phase {phase.value}"
+        )
+
+    def _imported(self, event: OpReplyImport, error: type[ProtocolError]) -> None:
+        if event.status != OpStatus.OK or event.device is None:
+            self.phase = Phase.DONE
+            return
+        if event.device.busid != self.requested_busid:
+            raise error(
+                f"IMPORT reply is for bus id {event.device.busid!r}, "
+                f"not the requested {self.requested_busid!r}"
+            )
+        self.imported = event.device
+        self.endpoints = EndpointMap(event.device.configuration_value)
+        self.phase = Phase.URB
+
+    def _check_devid(self, devid: int, error: type[ProtocolError]) -> None:
+        assert self.imported is not None
+        if devid != self.imported.devid:
+            raise error(f"URB for devid {devid:#x}, but {self.imported.devid:#x} was imported")
+
+    def _check_new_seqnum(self, seqnum: int, error: type[ProtocolError]) -> None:
+        if seqnum in self.pending or seqnum in self._unlinks:
+            raise error(f"seqnum {seqnum} is already in flight")
+        if len(self.pending) + len(self._unlinks) >= self.limits.max_pending_urbs:
+            raise error(f"more than {self.limits.max_pending_urbs} URBs in flight")
+
+    def _submit(self, event: CmdSubmit, error: type[ProtocolError]) -> PendingUrb:
+        self._check_devid(event.devid, error)
+        self._check_new_seqnum(event.seqnum, error)
+        limits = self.limits
+        if event.transfer_buffer_length > limits.max_transfer_length:
+            raise error(
+                f"transfer_buffer_length {event.transfer_buffer_length} is over the "
+                f"limit of {limits.max_transfer_length}"
+            )
+        kind = self.endpoints.transfer_type(event.ep, event.direction)
+        np = event.number_of_packets
+        iso = self.is_iso(event.ep, event.direction, np)
+        if iso:
+            if np == NO_ISO_PACKETS:
+                raise error("isochronous URB without a packet count")
+            if np > limits.max_iso_packets:
+                raise error(f"{np} ISO packets is over the limit of {limits.max_iso_packets}")
+            if len(event.iso_packets) != np:
+                raise error(f"isochronous URB needs {np} packet descriptors")
+        elif event.iso_packets:
+            raise error("ISO packet descriptors on a non-isochronous URB")
+        urb = PendingUrb(
+            seqnum=event.seqnum,
+            ep=event.ep,
+            direction=event.direction,
+            transfer_type=kind,
+            iso=iso,
+            transfer_buffer_length=event.transfer_buffer_length,
+            number_of_packets=np if iso else 0,
+            setup=Setup.decode(event.setup) if event.ep == 0 else None,
+        )
+        self.pending[event.seqnum] = urb
+        return urb
+
+    def _complete(self, event: RetSubmit, error: type[ProtocolError]) -> PendingUrb:
+        urb = self.pending.pop(event.seqnum, None)
+        if urb is None:
+            raise error(f"RET_SUBMIT for seqnum {event.seqnum}, which is not pending")
+        if event.actual_length > urb.transfer_buffer_length:
+            raise error(
+                f"RET_SUBMIT actual_length {event.actual_length} is over the "
+                f"transfer_buffer_length {urb.transfer_buffer_length} asked for"
+            )
+        expected = event.actual_length if urb.direction == Direction.IN else 0
+        if len(event.data) != expected:
+            raise error(f"RET_SUBMIT {urb.direction.name} carries {expected} data bytes")
+        if urb.iso:
+            np = event.number_of_packets
+            if np > urb.number_of_packets:
+                raise error(f"RET_SUBMIT has {np} ISO packets, the URB had {urb.number_of_packets}")
+            if len(event.iso_packets) != np:
+                raise error(f"RET_SUBMIT needs {np} ISO packet descriptors")
+            if urb.direction == Direction.IN and (
+                sum(p.actual_length for p in event.iso_packets) != event.actual_length
+            ):
+                raise error("ISO packet lengths do not add up to actual_length")
+        elif event.iso_packets:
+            raise error("ISO packet descriptors on a non-isochronous URB")
+        if urb.setup is not None and event.status == 0:
+            self.endpoints.control_completed(urb.setup, event.data)
+        return urb
+
+    def _unlink(self, event: CmdUnlink, error: type[ProtocolError]) -> PendingUrb | None:
+        self._check_devid(event.devid, error)
+        self._check_new_seqnum(event.seqnum, error)
+        self._unlinks[event.seqnum] = event.unlink_seqnum
+        urb = self.pending.get(event.unlink_seqnum)
+        if urb is not None:
+            urb.unlinked = True
+        return urb
+
+    def _unlinked(self, event: RetUnlink) -> PendingUrb | None:
+        # The URB gets no RET_SUBMIT after this, whatever the status (vhci_rx.c).
+        # An unknown RET_UNLINK is ignored, as vhci does.
+        target = self._unlinks.pop(event.seqnum, None)
+        return None if target is None else self.pending.pop(target, None)
