@@ -1,0 +1,1 @@
+"""Byte transports between the gateways: TCP/MPTCP sockets and mutual TLS."""

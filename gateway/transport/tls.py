@@ -1,0 +1,350 @@
+"""Mutual TLS between the two gateways, on the standard library's `ssl`.
+
+Both sides require a certificate from the other, signed by the configured CA. TLS 1.3 is the
+default floor. Compression is negotiated with ALPN (`ALPN_ZSTD`), so a peer that does not
+compress still interoperates on `ALPN_PLAIN`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import trio
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gateway.certificates import fingerprint_sha256
+
+ALPN_PLAIN = "usbip-gw/1"
+ALPN_ZSTD = "usbip-gw/1+zstd"
+DEFAULT_ALPN: tuple[str, ...] = (ALPN_PLAIN,)
+
+FilePath = str | os.PathLike[str]
+
+# Bounded on purpose: the reason is a metric label.
+HandshakeReason = Literal[
+    "timeout",
+    "no_certificate",
+    "unknown_ca",
+    "bad_certificate",
+    "certificate_expired",
+    "hostname_mismatch",
+    "protocol_version",
+    "not_tls",
+    "eof",
+    "other",
+]
+HANDSHAKE_REASONS: tuple[HandshakeReason, ...] = get_args(HandshakeReason)
+
+
+class TLSConfigError(Exception):
+    """Certificate, key or CA files could not be loaded into a context."""
+
+
+# --- contexts ----------------------------------------------------------------------------
+
+
+def _check_version(min_version: ssl.TLSVersion) -> None:
+    if min_version not in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        raise ValueError(f"min_version must be TLSv1_2 or TLSv1_3, not {min_version.name}")
+
+
+def _load(ctx: ssl.SSLContext, cert: FilePath, key: FilePath, ca: FilePath) -> None:
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"cannot load CA {os.fspath(ca)!r}: {_short(exc)}") from exc
+    try:
+        ctx.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(
+            f"cannot load certificate {os.fspath(cert)!r} with key {os.fspath(key)!r}: "
+            f"{_short(exc)}"
+        ) from exc
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def server_context(
+    cert: FilePath,
+    key: FilePath,
+    ca: FilePath,
+    *,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    alpn: Sequence[str] = DEFAULT_ALPN,
+) -> ssl.SSLContext:
+    """A server context that demands a client certificate signed by `ca`.
+
+    ALPN order is the server's preference.
+    """
+    _check_version(min_version)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = min_version
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # Clients never resume sessions, so tickets would be bytes on the wire for nothing.
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(list(alpn))
+    _load(ctx, cert, key, ca)
+    return ctx
+
+
+def client_context(
+    cert: FilePath,
+    key: FilePath,
+    ca: FilePath,
+    *,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    alpn: Sequence[str] = DEFAULT_ALPN,
+) -> ssl.SSLContext:
+    """A client context that presents `cert` and checks the server's chain and hostname.
+
+    Pass the server's DNS name or IP address as `server_hostname` to `trio.SSLStream`.
+    """
+    _check_version(min_version)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    ctx.minimum_version = min_version
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(list(alpn))
+    _load(ctx, cert, key, ca)
+    return ctx
+
+
+class ReloadableContext:
+    """Holds the live SSLContext; `reload()` rebuilds it from the files (SIGHUP).
+
+    Connections take `.current` when they start, so a reload affects new connections only.
+    A failed reload raises and leaves `.current` as it was.
+    """
+
+    def __init__(self, factory: Callable[[], ssl.SSLContext]) -> None:
+        self._factory = factory
+        self._current = factory()
+        self.generation = 1
+
+    @classmethod
+    def server(
+        cls,
+        cert: FilePath,
+        key: FilePath,
+        ca: FilePath,
+        *,
+        min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+        alpn: Sequence[str] = DEFAULT_ALPN,
+    ) -> ReloadableContext:
+        alpn = tuple(alpn)
+        return cls(lambda: server_context(cert, key, ca, min_version=min_version, alpn=alpn))
+
+    @classmethod
+    def client(
+        cls,
+        cert: FilePath,
+        key: FilePath,
+        ca: FilePath,
+        *,
+        min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+        alpn: Sequence[str] = DEFAULT_ALPN,
+    ) -> ReloadableContext:
+        alpn = tuple(alpn)
+        return cls(lambda: client_context(cert, key, ca, min_version=min_version, alpn=alpn))
+
+    @property
+    def current(self) -> ssl.SSLContext:
+        return self._current
+
+    def reload(self) -> ssl.SSLContext:
+        new = self._factory()  # raises TLSConfigError before anything changes
+        self._current = new  # one assignment: readers see the old or the new, never a mix
+        self.generation += 1
+        return new
+
+
+# --- peer identity -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What the policy can match about a verified peer."""
+
+    common_name: str | None
+    uris: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    fingerprint_sha256: str
+    serial: int
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> PeerIdentity:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            san = x509.SubjectAlternativeName([])
+        return cls(
+            common_name=str(cns[0].value) if cns else None,
+            uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
+            dns_names=tuple(san.get_values_for_type(x509.DNSName)),
+            fingerprint_sha256=fingerprint_sha256(cert),
+            serial=cert.serial_number,
+        )
+
+    def __str__(self) -> str:
+        if self.uris:
+            return self.uris[0]
+        if self.common_name:
+            return f"CN={self.common_name}"
+        return f"sha256:{self.fingerprint_sha256[:16]}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "common_name": self.common_name,
+            "uris": list(self.uris),
+            "dns_names": list(self.dns_names),
+            "fingerprint_sha256": self.fingerprint_sha256,
+            # Hex string: serials are up to 159 bits, beyond what JSON numbers carry safely.
+            "serial": f"{self.serial:x}",
+        }
+
+
+def peer_identity(stream: trio.SSLStream[Any]) -> PeerIdentity:
+    """The identity in the peer's verified certificate; call after the handshake.
+
+    Parsed from DER with `cryptography` because `getpeercert()`'s dict form is only filled
+    in for verified peers and flattens SANs it does not know.
+    """
+    der: bytes | None = stream.getpeercert(binary_form=True)
+    if der is None:
+        raise ValueError("peer presented no certificate")
+    return PeerIdentity.from_certificate(x509.load_der_x509_certificate(der))
+
+
+def negotiated_alpn(stream: trio.SSLStream[Any]) -> str | None:
+    """The ALPN protocol both sides agreed on, or None if they share none."""
+    proto: str | None = stream.selected_alpn_protocol()
+    return proto
+
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+class HandshakeFailed(Exception):
+    """The TLS handshake did not complete. `reason` is bounded; `detail` is for logs."""
+
+    def __init__(self, reason: HandshakeReason, detail: str = "") -> None:
+        super().__init__(f"TLS handshake failed: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason: HandshakeReason = reason
+        self.detail = detail
+
+
+# OpenSSL verify codes (X509_V_ERR_*) from our own verification of the peer's chain.
+_VERIFY_CODES: dict[int, HandshakeReason] = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    10: "certificate_expired",
+    18: "unknown_ca",  # self-signed leaf
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",  # unable to verify the first certificate
+    62: "hostname_mismatch",
+    64: "hostname_mismatch",  # IP address mismatch
+}
+
+# OpenSSL reason codes: our own failures, and alerts the peer sent about us.
+_SSL_REASONS: dict[str, HandshakeReason] = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no_certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown_ca",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate_expired",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad_certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "bad_certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "bad_certificate",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "bad_certificate",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "VERSION_TOO_LOW": "protocol_version",
+    "WRONG_VERSION_NUMBER": "not_tls",  # e.g. plain USB/IP sent to the TLS port
+    "HTTP_REQUEST": "not_tls",
+    "UNEXPECTED_EOF_WHILE_READING": "eof",
+}
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def failure_reason(exc: BaseException) -> HandshakeReason:
+    """Map an error from a handshake, or from the first read after it, to a reason.
+
+    With TLS 1.3 the client finishes its handshake before the server has checked the
+    client certificate, so a client learns of its rejection on its first receive; pass
+    that error here to get the same reason the server reports.
+    """
+    if isinstance(exc, HandshakeFailed):
+        return exc.reason
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    cause = _ssl_cause(exc)
+    if cause is None:
+        # Broken transport underneath (reset, closed) before TLS said anything.
+        return "eof" if isinstance(exc, trio.BrokenResourceError | OSError) else "other"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return _VERIFY_CODES.get(cause.verify_code, "bad_certificate")
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "eof"
+    return _SSL_REASONS.get(cause.reason or "", "other")
+
+
+def _detail(exc: BaseException) -> str:
+    cause = _ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return str(cause.verify_message)
+    if cause is not None:
+        return _short(cause)
+    return str(exc.__cause__ or exc) or type(exc).__name__
+
+
+# Trio raises on an OpenSSL error before writing out the alert OpenSSL queued for the peer,
+# so the peer would see a bare EOF rather than "unknown CA" or "certificate required".
+# Trio has no public way to reach that data; reading its outgoing BIO is the only route.
+_ALERT_SEND_TIMEOUT = 1.0
+
+
+async def _send_pending_alert(stream: trio.SSLStream[Any]) -> None:
+    bio = getattr(stream, "_outgoing", None)
+    if not isinstance(bio, ssl.MemoryBIO) or not bio.pending:
+        return
+    data = bio.read()
+    with (
+        trio.move_on_after(_ALERT_SEND_TIMEOUT),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.transport_stream.send_all(data)
+
+
+async def handshake(stream: trio.SSLStream[Any], timeout: float) -> None:
+    """Complete the handshake within `timeout` seconds or raise HandshakeFailed."""
+    try:
+        with trio.fail_after(timeout):
+            await stream.do_handshake()
+    except trio.TooSlowError:
+        raise HandshakeFailed("timeout", f"no handshake within {timeout:g}s") from None
+    except trio.BrokenResourceError as exc:
+        await _send_pending_alert(stream)
+        raise HandshakeFailed(failure_reason(exc), _detail(exc)) from exc
