@@ -1,0 +1,101 @@
+"""The client gateway: plain USB/IP on loopback in, mutual TLS to a server gateway out.
+
+The unmodified `usbip list/attach` tools and vhci-hcd talk to it as if it were usbipd.
+Each of their connections gets its own TLS connection, relayed frame by frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from gateway.config import ClientConfig, is_loopback
+from gateway.logs import kv
+from gateway.protocol import Splice
+from gateway.relay import close_all, relay
+from gateway.session import Session
+from gateway.transport.names import local_name, peer_name
+from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
+from gateway.transport.tls import (
+    HandshakeFailed,
+    ReloadableContext,
+    handshake,
+    peer_identity,
+)
+
+log = logging.getLogger("gateway.client")
+
+
+class ClientGateway:
+    def __init__(self, config: ClientConfig, *, tls: ReloadableContext | None = None) -> None:
+        self.config = config
+        self.tls = tls or ReloadableContext.client(
+            config.tls.cert, config.tls.key, config.tls.ca, min_version=config.tls.version
+        )
+        self.sessions: dict[int, Session] = {}
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[TunedListener] = []
+        for address in self.config.listen:
+            if not is_loopback(address.host):
+                # Plain USB/IP has no authentication: say so loudly when exposed.
+                log.warning(
+                    "listening on non-loopback %s: anyone who reaches it can attach "
+                    "devices with this gateway's identity",
+                    address,
+                )
+            listeners.extend(await open_tcp_listeners(address.host, address.port))
+        for listener in listeners:
+            log.info(
+                "listening on %s (plain USB/IP), server gateway %s (TLS name %s)",
+                local_name(listener),
+                self.config.server,
+                self.config.server_name,
+            )
+        task_status.started(listeners)
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def connect(self) -> trio.SSLStream[trio.SocketStream]:
+        """A verified mutual-TLS connection to the server gateway."""
+        server = self.config.server
+        tcp = await open_tcp(server.host, server.port, connect_timeout=self.config.connect_timeout)
+        stream = trio.SSLStream(tcp, self.tls.current, server_hostname=self.config.server_name)
+        try:
+            await handshake(stream, self.config.handshake_timeout)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        session = Session("client", "", peer_name(stream), time.time())
+        self.sessions[session.id] = session
+        try:
+            try:
+                upstream = await self.connect()
+            except HandshakeFailed as exc:
+                session.outcome = f"TLS to {self.config.server} failed: {exc}"
+                await trio.aclose_forcefully(stream)
+                return
+            except (OSError, trio.TooSlowError) as exc:
+                session.outcome = (
+                    f"server gateway {self.config.server} unreachable: {exc or 'timeout'}"
+                )
+                await trio.aclose_forcefully(stream)
+                return
+            session.peer = str(peer_identity(upstream))
+            await relay(Splice(self.config.limits), stream, upstream, session)
+        finally:
+            await close_all(stream)
+            del self.sessions[session.id]
+            level = (
+                logging.INFO
+                if session.outcome.startswith(("closed", "listed"))
+                else logging.WARNING
+            )
+            log.log(
+                level, "session end %s", kv(session.summary()), extra={"fields": session.summary()}
+            )

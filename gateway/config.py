@@ -1,0 +1,313 @@
+"""Configuration: one TOML file per role, command-line flags over it.
+
+Every problem names the key it is about (`tls.cert: file not found`), so a bad
+config is a one-line fix, not a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.protocol import DEFAULT_PORT, Limits
+
+LogFormat = Literal["text", "json"]
+Role = Literal["server", "client"]
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, key: str, default_port: int = DEFAULT_PORT) -> Address:
+    """HOST:PORT, [IPv6]:PORT, or HOST alone (the default port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(key, f"{text!r} is not [IPV6]:PORT")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ConfigError(key, f"{text!r}: put an IPv6 address in brackets, [::1]:3240")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ConfigError(key, f"{text!r} has no host")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(key, f"port {port_text!r} is not a number from 0 to 65535")
+        port = int(port_text)
+    return Address(host, port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    cert: Path
+    key: Path
+    ca: Path
+    min_version: Literal["1.2", "1.3"] = "1.3"
+
+    @property
+    def version(self) -> ssl.TLSVersion:
+        return ssl.TLSVersion.TLSv1_2 if self.min_version == "1.2" else ssl.TLSVersion.TLSv1_3
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The server gateway: mutual TLS in, usbipd on loopback out."""
+
+    tls: TLSSettings
+    listen: tuple[Address, ...] = (Address("0.0.0.0", DEFAULT_PORT),)
+    upstream: Address = Address("127.0.0.1", DEFAULT_PORT)
+    handshake_timeout: float = 10.0
+    request_timeout: float = 30.0  # from handshake to the op request
+    connect_timeout: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """The client gateway: plain USB/IP on loopback in, mutual TLS out."""
+
+    tls: TLSSettings
+    server: Address
+    server_name: str
+    listen: tuple[Address, ...] = (Address("127.0.0.1", DEFAULT_PORT),)
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+# ------------------------------------------------------------------ reading
+
+
+class _Table:
+    """A TOML table being read: typed getters that name the key, unknown keys refused."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def raw(self, name: str) -> Any:
+        self._seen.add(name)
+        return self._data.get(name)
+
+    def table(self, name: str) -> _Table:
+        value = self.raw(name)
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(self.key(name), "must be a table")
+        return _Table(value, f"{self.key(name)}.")
+
+    def string(self, name: str, default: str | None = None) -> str:
+        value = self.raw(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), f"must be a non-empty string, not {value!r}")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.string(name, default)
+        if value not in options:
+            raise ConfigError(self.key(name), f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.key(name), f"must be a number of seconds, not {value!r}")
+        if value <= minimum:
+            raise ConfigError(self.key(name), f"must be greater than {minimum:g}")
+        return float(value)
+
+    def integer(
+        self, name: str, default: int, *, minimum: int = 1, maximum: int = 2**31 - 1
+    ) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"must be an integer, not {value!r}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(self.key(name), f"{value} is outside {minimum}..{maximum}")
+        return value
+
+    def path(self, name: str, base: Path, *, must_exist: bool = True) -> Path:
+        path = Path(self.string(name))
+        path = path if path.is_absolute() else base / path
+        if must_exist and not path.is_file():
+            raise ConfigError(self.key(name), f"file not found: {path}")
+        return path
+
+    def addresses(self, name: str, default: tuple[Address, ...]) -> tuple[Address, ...]:
+        value = self.raw(name)
+        if value is None:
+            return default
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+            raise ConfigError(self.key(name), "must be HOST:PORT or a list of them")
+        return tuple(parse_address(i, self.key(name)) for i in items)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+def _tls(table: _Table, base: Path) -> TLSSettings:
+    tls = TLSSettings(
+        cert=table.path("cert", base),
+        key=table.path("key", base),
+        ca=table.path("ca", base),
+        min_version=table.choice("min_version", ("1.2", "1.3"), "1.3"),  # type: ignore[arg-type]
+    )
+    table.done()
+    return tls
+
+
+def _limits(table: _Table) -> Limits:
+    d = Limits()
+    limits = Limits(
+        max_transfer_length=table.integer("max_transfer_length", d.max_transfer_length),
+        max_iso_packets=table.integer("max_iso_packets", d.max_iso_packets, maximum=1024),
+        max_pending_urbs=table.integer("max_pending_urbs", d.max_pending_urbs),
+        max_devices=table.integer("max_devices", d.max_devices),
+    )
+    table.done()
+    return limits
+
+
+def _log(table: _Table) -> LogSettings:
+    log = LogSettings(
+        level=table.choice("level", ("debug", "info", "warning", "error"), "info"),  # type: ignore[arg-type]
+        format=table.choice("format", ("text", "json"), "text"),  # type: ignore[arg-type]
+    )
+    table.done()
+    return log
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overlay dotted-key `overrides` ("tls.cert": ...) on a nested TOML mapping."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for part in parents:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, Mapping) else {}
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConfig:
+    top = _Table(data, "")
+    section = top.table("server")
+    config = ServerConfig(
+        tls=_tls(top.table("tls"), base),
+        listen=section.addresses("listen", (Address("0.0.0.0", DEFAULT_PORT),)),
+        upstream=parse_address(section.string("upstream", "127.0.0.1:3240"), "server.upstream"),
+        handshake_timeout=section.number("handshake_timeout", 10.0),
+        request_timeout=section.number("request_timeout", 30.0),
+        connect_timeout=section.number("connect_timeout", 5.0),
+        limits=_limits(top.table("limits")),
+        log=_log(top.table("log")),
+    )
+    section.done()
+    top.done()
+    return config
+
+
+def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConfig:
+    top = _Table(data, "")
+    section = top.table("client")
+    server = parse_address(section.string("server"), "client.server")
+    config = ClientConfig(
+        tls=_tls(top.table("tls"), base),
+        server=server,
+        server_name=section.string("server_name", server.host),
+        listen=section.addresses("listen", (Address("127.0.0.1", DEFAULT_PORT),)),
+        handshake_timeout=section.number("handshake_timeout", 10.0),
+        connect_timeout=section.number("connect_timeout", 5.0),
+        limits=_limits(top.table("limits")),
+        log=_log(top.table("log")),
+    )
+    section.done()
+    top.done()
+    return config
+
+
+def load(
+    role: Role, path: Path | None, overrides: Mapping[str, Any]
+) -> ServerConfig | ClientConfig:
+    """Read `path` (optional), overlay the command-line `overrides`, validate."""
+    data = merge(read_toml(path), overrides)
+    base = path.parent if path is not None else Path(os.getcwd())
+    return server_config(data, base) if role == "server" else client_config(data, base)

@@ -1,0 +1,83 @@
+"""What a relay knows about one session: who, which device, how much, how it ended.
+
+Pure bookkeeping: the relay passes the clock readings in.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.protocol import (
+    CmdSubmit,
+    Frame,
+    OpReplyImport,
+    OpRequestDevlist,
+    OpRequestImport,
+    RetSubmit,
+    RetUnlink,
+    Role,
+)
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Session:
+    role: str  # "server" or "client": which gateway this is
+    peer: str  # the TLS identity (server role) or the local client address
+    address: str
+    started: float  # wall-clock seconds, for humans
+    id: int = field(default_factory=lambda: next(_ids))
+    request: str = ""  # "devlist" or "import"
+    busid: str = ""
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+    urbs_submitted: int = 0
+    urbs_completed: int = 0
+    urbs_failed: int = 0
+    urbs_unlinked: int = 0
+    outcome: str = "open"
+
+    def observe(self, sender: Role, frame: Frame, now: float) -> None:
+        """Account one frame; `now` is a monotonic clock reading."""
+        event = frame.event
+        kind = type(event)
+        if sender is Role.CLIENT:
+            self.bytes_from_client += len(frame.raw)
+            if kind is CmdSubmit:
+                self.urbs_submitted += 1
+                if frame.urb is not None:
+                    frame.urb.submitted_at = now
+            elif kind is OpRequestImport:
+                self.request = "import"
+                self.busid = event.busid  # type: ignore[union-attr]
+            elif kind is OpRequestDevlist:
+                self.request = "devlist"
+        else:
+            self.bytes_from_server += len(frame.raw)
+            if kind is RetSubmit:
+                self.urbs_completed += 1
+                if event.status != 0:  # type: ignore[union-attr]
+                    self.urbs_failed += 1
+            elif kind is RetUnlink and frame.urb is not None:
+                self.urbs_unlinked += 1
+            elif kind is OpReplyImport and event.status != 0:  # type: ignore[union-attr]
+                self.outcome = f"import refused by usbipd (status {event.status})"  # type: ignore[union-attr]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "session": self.id,
+            "role": self.role,
+            "peer": self.peer,
+            "address": self.address,
+            "request": self.request,
+            "busid": self.busid,
+            "outcome": self.outcome,
+            "urbs": self.urbs_submitted,
+            "urbs_failed": self.urbs_failed,
+            "urbs_unlinked": self.urbs_unlinked,
+            "bytes_from_client": self.bytes_from_client,
+            "bytes_from_server": self.bytes_from_server,
+        }

@@ -1,0 +1,196 @@
+"""An async USB/IP importer over any Trio stream: list, import, and URBs in flight.
+
+What `usbip list/attach` plus vhci-hcd do, in userspace: for the demo's self-check,
+the tests, and the load generator. Many URBs may be in flight; each `submit` waits
+for its own RET_SUBMIT (or RET_UNLINK).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import trio
+
+from gateway.protocol import (
+    CmdSubmit,
+    CmdUnlink,
+    Connection,
+    ConnectionClosed,
+    DeviceInfo,
+    Direction,
+    Event,
+    ExportedDevice,
+    Limits,
+    NeedData,
+    OpReplyDevlist,
+    OpReplyImport,
+    OpRequestDevlist,
+    OpRequestImport,
+    OpStatus,
+    RetSubmit,
+    RetUnlink,
+    Role,
+)
+from gateway.protocol.descriptors import Setup
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class ImportRefused(Exception):
+    def __init__(self, busid: str, status: int) -> None:
+        try:
+            name = OpStatus(status).name
+        except ValueError:
+            name = str(status)
+        super().__init__(f"import of {busid} refused: {name}")
+        self.status = status
+
+
+class _Link:
+    """A Connection bound to a stream."""
+
+    def __init__(self, stream: trio.abc.Stream, limits: Limits | None) -> None:
+        self.stream = stream
+        self.conn = Connection(Role.CLIENT, limits)
+
+    async def send(self, event: Event) -> None:
+        await self.stream.send_all(self.conn.send(event))
+
+    async def next_event(self) -> Event:
+        while True:
+            event = self.conn.next_event()
+            if not isinstance(event, NeedData):
+                return event
+            self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+
+
+async def list_devices(
+    stream: trio.abc.Stream, limits: Limits | None = None
+) -> tuple[ExportedDevice, ...]:
+    """DEVLIST over a fresh connection (the server closes it after the reply)."""
+    link = _Link(stream, limits)
+    await link.send(OpRequestDevlist())
+    reply = await link.next_event()
+    if not isinstance(reply, OpReplyDevlist):
+        raise ConnectionError(f"no DEVLIST reply: {reply!r}")
+    if reply.status != OpStatus.OK:
+        raise ConnectionError(f"DEVLIST failed with status {reply.status}")
+    return reply.devices
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """How a URB ended: its RET_SUBMIT, or the status of the RET_UNLINK that ended it."""
+
+    ret: RetSubmit | None
+    unlink_status: int | None = None
+
+    @property
+    def status(self) -> int:
+        if self.ret is not None:
+            return self.ret.status
+        assert self.unlink_status is not None
+        return self.unlink_status
+
+    @property
+    def data(self) -> bytes:
+        return self.ret.data if self.ret is not None else b""
+
+
+class ImportedDevice:
+    """The URB phase of one imported device. Run `serve()` in a nursery while in use."""
+
+    def __init__(self, link: _Link, device: DeviceInfo) -> None:
+        self._link = link
+        self.device = device
+        self._seqnums = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[Completion]]] = {}
+        self._unlinks: dict[int, int] = {}
+        self._send_lock = trio.Lock()
+        self.closed = trio.Event()
+
+    async def serve(self) -> None:
+        """Deliver completions until the server closes the connection."""
+        try:
+            while True:
+                event = await self._link.next_event()
+                if isinstance(event, ConnectionClosed):
+                    return
+                if isinstance(event, RetSubmit):
+                    self._finish(event.seqnum, Completion(event))
+                elif isinstance(event, RetUnlink):
+                    target = self._unlinks.pop(event.seqnum, None)
+                    if target is not None and target in self._waiting:
+                        self._finish(target, Completion(None, event.status))
+        finally:
+            self.closed.set()
+            for done, _ in self._waiting.values():
+                done.set()
+
+    def _finish(self, seqnum: int, completion: Completion) -> None:
+        waiter = self._waiting.pop(seqnum, None)
+        if waiter is not None:
+            waiter[1].append(completion)
+            waiter[0].set()
+
+    def next_seqnum(self) -> int:
+        return next(self._seqnums)
+
+    async def submit(
+        self,
+        ep: int,
+        direction: Direction,
+        *,
+        length: int = 0,
+        data: bytes = b"",
+        setup: bytes = bytes(8),
+        seqnum: int | None = None,
+    ) -> Completion:
+        seqnum = self.next_seqnum() if seqnum is None else seqnum
+        done, result = self._waiting[seqnum] = (trio.Event(), [])
+        cmd = CmdSubmit(
+            seqnum=seqnum,
+            devid=self.device.devid,
+            direction=direction,
+            ep=ep,
+            transfer_buffer_length=len(data) if direction == Direction.OUT else length,
+            setup=setup,
+            data=data,
+        )
+        async with self._send_lock:
+            await self._link.send(cmd)
+        await done.wait()
+        if not result:
+            raise ConnectionError(f"connection closed with URB {seqnum} in flight")
+        return result[0]
+
+    async def control(self, setup: Setup, data: bytes = b"") -> Completion:
+        direction = Direction.IN if setup.is_in else Direction.OUT
+        return await self.submit(0, direction, length=setup.length, data=data, setup=setup.encode())
+
+    async def unlink(self, seqnum: int) -> None:
+        """Ask for `seqnum` to be unlinked; its `submit` returns with the outcome."""
+        unlink_seq = self.next_seqnum()
+        self._unlinks[unlink_seq] = seqnum
+        async with self._send_lock:
+            await self._link.send(CmdUnlink(unlink_seq, seqnum, self.device.devid))
+
+    def in_flight(self, seqnum: int) -> bool:
+        return seqnum in self._waiting
+
+    async def aclose(self) -> None:
+        await self._link.stream.aclose()
+
+
+async def import_device(
+    stream: trio.abc.Stream, busid: str, limits: Limits | None = None
+) -> ImportedDevice:
+    link = _Link(stream, limits)
+    await link.send(OpRequestImport(busid))
+    reply = await link.next_event()
+    if not isinstance(reply, OpReplyImport):
+        raise ConnectionError(f"no IMPORT reply: {reply!r}")
+    if reply.device is None:
+        raise ImportRefused(busid, reply.status)
+    return ImportedDevice(link, reply.device)
