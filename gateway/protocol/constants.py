@@ -14,7 +14,7 @@ NO_ISO_PACKETS = 0xFFFFFFFF
 
 OP_HEADER = struct.Struct(">HHI")  # version, code, status
 URB_HEADER_SIZE = 48
-ISO_DESCRIPTOR = struct.Struct(">IIiI")  # offset, length, actual_length, status
+ISO_DESCRIPTOR = struct.Struct(">IIii")  # offset, length, actual_length, status (-errno)
 BUSID_SIZE = 32
 PATH_SIZE = 256
 
