@@ -221,8 +221,9 @@ class PeerIdentity:
 def peer_identity(stream: trio.SSLStream[Any]) -> PeerIdentity:
     """The identity in the peer's verified certificate; call after the handshake.
 
-    Parsed from DER with `cryptography` because `getpeercert()`'s dict form is only filled
-    in for verified peers and flattens SANs it does not know.
+    Parsed from the DER form with `cryptography`: one parse gives the fingerprint, the
+    serial and every SAN as typed values, where `getpeercert()`'s dict form has only
+    display strings.
     """
     der: bytes | None = stream.getpeercert(binary_form=True)
     if der is None:
