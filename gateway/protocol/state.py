@@ -190,7 +190,7 @@ class ProtocolState:
         np = event.number_of_packets
         iso = self.is_iso(event.ep, event.direction, np)
         if iso:
-            if np == NO_ISO_PACKETS:
+            if np in (0, NO_ISO_PACKETS):
                 raise error("isochronous URB without a packet count")
             if np > limits.max_iso_packets:
                 raise error(f"{np} ISO packets is over the limit of {limits.max_iso_packets}")
