@@ -158,6 +158,8 @@ class CmdSubmit:
         _check_s32("CmdSubmit", start_frame=self.start_frame, interval=self.interval)
         if self.direction not in (Direction.OUT, Direction.IN):
             raise LocalProtocolError(f"direction {self.direction} is neither OUT nor IN")
+        # A plain 0 or 1 is accepted; store the enum so `.name` works everywhere downstream.
+        object.__setattr__(self, "direction", Direction(self.direction))
         if not 0 <= self.ep <= 15:
             raise LocalProtocolError(f"endpoint {self.ep} is not 0..15")
         if not 0 <= self.transfer_buffer_length <= _S32_MAX:
