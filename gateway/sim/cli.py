@@ -1,0 +1,82 @@
+"""`usbip-gateway sim`: serve the simulated devices over plain USB/IP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import trio
+
+from ..protocol import DEFAULT_PORT
+from .catalog import DEVICE_NAMES, make_devices
+from .gadget_zero import Pattern
+from .server import SimServer, serve_sim
+
+log = logging.getLogger("gateway.sim")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT, [V6HOST]:PORT, or just HOST (port 3240)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port = value, str(DEFAULT_PORT)
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad port in {value!r}") from None
+    if not host or not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host, number
+
+
+def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `sim` command to an argparse subparsers object; it sets `func`."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "sim",
+        help="serve simulated USB devices over USB/IP (like usbipd)",
+        description="A built-in USB/IP server of simulated devices: Gadget Zero "
+        "source/sink (1-1), Gadget Zero loopback (1-2) and a boot keyboard (1-3).",
+    )
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=("127.0.0.1", DEFAULT_PORT),
+        metavar="HOST:PORT",
+        help=f"address to listen on (default 127.0.0.1:{DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        choices=("all", *DEVICE_NAMES),
+        default=["all"],
+        help="devices to offer (default: all)",
+    )
+    parser.add_argument(
+        "--pattern",
+        type=int,
+        choices=[int(p) for p in Pattern],
+        default=int(Pattern.ZEROS),
+        help="source/sink data pattern: 0 zeros, 1 mod 63 (as usbtest's), 2 unchecked",
+    )
+    parser.set_defaults(func=run_sim)
+    return parser
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    names = DEVICE_NAMES if "all" in args.devices else tuple(args.devices)
+    server = SimServer(make_devices(names, pattern=args.pattern))
+    host, port = args.listen
+    try:
+        trio.run(_main, server, host, port)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc)
+        return 1
+    return 0
+
+
+async def _main(server: SimServer, host: str, port: int) -> None:
+    await serve_sim(server, host=host, port=port)
