@@ -1,0 +1,255 @@
+# Helpers for scenario scripts running inside the test guest (busybox ash).
+# Sourced by /host/run.sh before the scenario script; copied into the 9p share on every run,
+# so changing this file does not rebuild the guest image.
+#
+# Results go to /host/results.txt as key=value lines (parsed by guest.py); a later value for
+# the same key replaces an earlier one.
+
+RK_RESULTS=/host/results.txt
+
+rk_result() { # KEY VALUE...
+    local k
+    k=$1
+    shift
+    printf '%s=%s\n' "$k" "$*" | tr -d '\r' >> "$RK_RESULTS"
+}
+
+rk_uptime() { cut -d' ' -f1 /proc/uptime; }
+
+rk_mark() { # NAME: records uptime as t_NAME
+    rk_result "t_$1" "$(rk_uptime)"
+}
+
+rk_fail() { # record an error message (the test asserts there are none)
+    echo "rk: FAIL: $*" >&2
+    rk_result "error_$(rk_uptime | tr -d .)" "$*"
+}
+
+rk_wait() { # SECONDS CMD...: poll (10/s) until CMD succeeds; 1 on deadline
+    local n
+    n=$(($1 * 10))
+    shift
+    while ! "$@" > /dev/null 2>&1; do
+        n=$((n - 1))
+        if [ "$n" -le 0 ]; then
+            return 1
+        fi
+        sleep 0.1
+    done
+    return 0
+}
+
+rk_listening() { # PORT: a TCP socket listens on PORT
+    netstat -ltn 2> /dev/null | grep -q ":$1 "
+}
+
+rk_start_usbipd() {
+    usbipd -D || rk_fail "usbipd -D failed"
+    rk_wait 15 rk_listening 3240 || rk_fail "usbipd is not listening on 3240"
+}
+
+rk_is_vhci() { # SYSFS_DEVICE_DIR: is it below a vhci_hcd controller?
+    case "$(realpath "$1")" in
+        */vhci_hcd.*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+rk_usb_devices() { # VID PID [local|vhci]: sysfs dirs of matching USB devices
+    local d v where
+    for d in /sys/bus/usb/devices/*; do
+        case "${d##*/}" in *:*) continue ;; esac
+        [ -f "$d/idVendor" ] || continue
+        read -r v < "$d/idVendor"
+        [ "$v" = "$1" ] || continue
+        read -r v < "$d/idProduct"
+        [ "$v" = "$2" ] || continue
+        if rk_is_vhci "$d"; then where=vhci; else where=local; fi
+        if [ -z "$3" ] || [ "$3" = "$where" ]; then
+            echo "$d"
+        fi
+    done
+}
+
+rk_has_usb_device() { # VID PID WHERE
+    [ -n "$(rk_usb_devices "$1" "$2" "$3")" ]
+}
+
+rk_local_busid() { # VID PID: busid of the first matching non-vhci device (waits up to 20 s)
+    local d
+    if ! rk_wait 20 rk_has_usb_device "$1" "$2" local; then
+        rk_fail "no local device $1:$2"
+        return 1
+    fi
+    d=$(rk_usb_devices "$1" "$2" local | head -n 1)
+    echo "${d##*/}"
+}
+
+rk_bind() { # BUSID: export with usbip-host
+    if ! usbip bind -b "$1"; then
+        rk_fail "usbip bind -b $1 failed"
+        return 1
+    fi
+    rk_wait 10 test -e "/sys/bus/usb/drivers/usbip-host/$1" || {
+        rk_fail "$1 not bound to usbip-host"
+        return 1
+    }
+}
+
+rk_vhci_total() { # number of USB devices (not root hubs) on vhci ports
+    local d c
+    c=0
+    for d in /sys/bus/usb/devices/*-*; do
+        case "${d##*/}" in *:*) continue ;; esac
+        rk_is_vhci "$d" && c=$((c + 1))
+    done
+    echo "$c"
+}
+
+rk_vhci_total_above() { [ "$(rk_vhci_total)" -gt "$1" ]; }
+
+rk_attach() { # PORT BUSID [HOST]: usbip attach through HOST (default 10.0.2.2):PORT
+    # Waits until the new device has enumerated: `usbip attach` run while an earlier
+    # attached device is still enumerating fails with "open vhci_driver".
+    local before
+    before=$(rk_vhci_total)
+    if ! usbip --tcp-port "$1" attach -r "${3:-10.0.2.2}" -b "$2"; then
+        rk_fail "usbip --tcp-port $1 attach -r ${3:-10.0.2.2} -b $2 failed"
+        return 1
+    fi
+    if ! rk_wait 30 rk_vhci_total_above "$before"; then
+        rk_fail "attach of $2 via port $1: no new device enumerated on vhci"
+        return 1
+    fi
+}
+
+rk_vhci_device() { # VID PID [SECONDS]: wait for the device on a vhci port, print its dir
+    if ! rk_wait "${3:-20}" rk_has_usb_device "$1" "$2" vhci; then
+        rk_fail "device $1:$2 did not appear on vhci"
+        return 1
+    fi
+    rk_usb_devices "$1" "$2" vhci
+}
+
+rk_block_of() { # SYSFS_DEVICE_DIR: block device name (sdX) below this USB device
+    find "$(realpath "$1")/" -path '*/block/sd*' -maxdepth 8 -type d 2> /dev/null \
+        | grep -E '/block/sd[a-z]+$' | head -n 1 | sed 's#.*/##'
+}
+
+rk_has_block() { [ -n "$(rk_block_of "$1")" ]; }
+
+rk_wait_block() { # SYSFS_DEVICE_DIR [SECONDS]: wait for its disk, print sdX
+    local b
+    if ! rk_wait "${2:-30}" rk_has_block "$1"; then
+        rk_fail "no block device below $1"
+        return 1
+    fi
+    b=$(rk_block_of "$1")
+    rk_wait 10 test -b "/dev/$b" || rk_fail "/dev/$b did not appear"
+    echo "$b"
+}
+
+rk_vhci_port() { # LOCAL_BUSID (e.g. 3-1): vhci port number, from the status files
+    cat /sys/devices/platform/vhci_hcd.*/status* 2> /dev/null \
+        | awk -v b="$1" '$7 == b { p = $2; sub(/^0+/, "", p); print p + 0; exit }'
+}
+
+rk_gone() { ! test -e "/sys/bus/usb/devices/$1"; }
+
+rk_detach() { # SYSFS_DEVICE_DIR of a vhci device
+    local busid port
+    busid=${1##*/}
+    port=$(rk_vhci_port "$busid")
+    if [ -z "$port" ]; then
+        rk_fail "no vhci port for $busid"
+        return 1
+    fi
+    usbip detach -p "$port" || {
+        rk_fail "usbip detach -p $port failed"
+        return 1
+    }
+    rk_wait 15 rk_gone "$busid" \
+        || rk_fail "$busid still present after detach"
+}
+
+rk_interface_drivers() { # SYSFS_DEVICE_DIR: "if:driver" list of its interfaces
+    local out i drv
+    out=""
+    for i in "$(realpath "$1")"/*:*; do
+        [ -d "$i" ] || continue
+        drv="-"
+        if [ -e "$i/driver" ]; then drv=$(basename "$(readlink "$i/driver")"); fi
+        out="$out ${i##*/}:$drv"
+    done
+    echo "$out" | sed 's/^ //'
+}
+
+rk_input_names() { # SYSFS_DEVICE_DIR: names of input devices below it
+    local n
+    for n in $(find "$(realpath "$1")/" -path '*/input/input*/name' 2> /dev/null); do
+        cat "$n"
+    done | tr '\n' ';'
+}
+
+rk_count() { # count words
+    echo $# 
+}
+
+rk_storage_io() { # PREFIX VHCI_DEVICE_DIR
+    # Writes /host/pattern_a.bin at offset 0 of the device's disk, reads it back (page cache
+    # dropped) and reads RK_B_MB MiB at RK_B_OFFSET_MB; records sha256s and timings.
+    local p b mb_a
+    p=$1
+    b=$(rk_wait_block "$2") || return 1
+    rk_result "${p}_block" "$b"
+    rk_result "${p}_size_bytes" "$(($(cat "/sys/class/block/$b/size") * 512))"
+    mb_a=$(($(stat -c %s /host/pattern_a.bin) / 1048576))
+    rk_mark "${p}_write_start"
+    dd if=/host/pattern_a.bin of="/dev/$b" bs=1M conv=fsync 2> /dev/null \
+        || rk_fail "writing /dev/$b failed"
+    rk_mark "${p}_write_end"
+    blockdev --flushbufs "/dev/$b"
+    echo 3 > /proc/sys/vm/drop_caches
+    rk_result "${p}_readback_sha256" \
+        "$(dd if="/dev/$b" bs=1M count="$mb_a" 2> /dev/null | sha256sum | cut -d' ' -f1)"
+    rk_mark "${p}_read_a_end"
+    rk_result "${p}_region_b_sha256" \
+        "$(dd if="/dev/$b" bs=1M skip="$RK_B_OFFSET_MB" count="$RK_B_MB" 2> /dev/null \
+            | sha256sum | cut -d' ' -f1)"
+    rk_mark "${p}_read_b_end"
+}
+
+rk_vhci_count() { # VID PID
+    rk_count $(rk_usb_devices "$1" "$2" vhci)
+}
+
+rk_vhci_at_least() { # VID PID N
+    [ "$(rk_vhci_count "$1" "$2")" -ge "$3" ]
+}
+
+rk_has_input() { # SYSFS_DEVICE_DIR
+    [ -n "$(rk_input_names "$1")" ]
+}
+
+rk_hid_check() { # PREFIX PORT: export every local 0627:0001 (usb-kbd, usb-tablet), attach
+    # them all through PORT, wait until all enumerate on vhci, record drivers + input names
+    local p n i d
+    p=$1
+    n=0
+    for d in $(rk_usb_devices 0627 0001 local); do
+        rk_bind "${d##*/}" && rk_attach "$2" "${d##*/}" && n=$((n + 1))
+    done
+    rk_result "${p}_exported" "$n"
+    rk_wait 30 rk_vhci_at_least 0627 0001 "$n" \
+        || rk_fail "only $(rk_vhci_count 0627 0001) of $n HID devices on vhci"
+    i=0
+    for d in $(rk_usb_devices 0627 0001 vhci); do
+        rk_wait 15 rk_has_input "$d" \
+            || rk_fail "no input device below $d"
+        rk_result "${p}_${i}_product" "$(cat "$d/product")"
+        rk_result "${p}_${i}_drivers" "$(rk_interface_drivers "$d")"
+        rk_result "${p}_${i}_inputs" "$(rk_input_names "$d")"
+        i=$((i + 1))
+    done
+    rk_result "${p}_vhci_count" "$i"
+}
