@@ -112,12 +112,13 @@ class SimServer:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         try:
             async with stream:
-                await self._converse(stream, Connection(Role.SERVER, self.limits))
-        except ProtocolError as exc:
-            self.protocol_errors += 1
-            log.warning("protocol error, closing the connection: %s", exc)
-        except _CONNECTION_LOST as exc:
-            log.info("connection lost: %r", exc)
+                try:
+                    await self._converse(stream, Connection(Role.SERVER, self.limits))
+                except ProtocolError as exc:
+                    self.protocol_errors += 1
+                    log.warning("protocol error, closing the connection: %s", exc)
+                except _CONNECTION_LOST as exc:
+                    log.info("connection lost: %r", exc)
         finally:
             self.connections_active -= 1
 
