@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
@@ -178,3 +178,27 @@ def chunked(data: bytes, cuts: Iterable[int]) -> list[bytes]:
     """`data` split at the given offsets (clamped, sorted, duplicates dropped)."""
     points = sorted({min(max(c, 0), len(data)) for c in cuts} | {0, len(data)})
     return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+Splitter = Callable[[bytes], list[bytes]]
+
+
+def run_split(steps: Sequence[tuple[Role, Event]], split: Splitter) -> Trio:
+    """Each run of messages from one sender is sent, then fed to its peer and the splice
+    in the pieces `split` makes; both must produce exactly the messages, in order."""
+    trio = Trio.new()
+    for sender, group in itertools.groupby(steps, key=lambda step: step[0]):
+        events = [event for _, event in group]
+        raws = [trio.end(sender).send(event) for event in events]
+        receiver = trio.end(sender.peer)
+        got, frames = [], []
+        for piece in split(b"".join(raws)):
+            assert piece
+            receiver.receive_data(piece)
+            got += drain(receiver)
+            trio.splice.receive_data(sender, piece)
+            frames += drain_frames(trio.splice, sender)
+        assert got == events
+        assert frames == list(zip(events, raws, strict=True))
+        assert trio.splice.buffered(sender) == 0
+    return trio

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,32 +16,10 @@ from gateway.protocol import (
     Role,
 )
 
-from .helpers import DEVID, PROFILE, Trio, chunked, drain, drain_frames
+from .helpers import DEVID, PROFILE, Splitter, Trio, chunked, run_split
 from .scenarios import Steps, all_scenarios, op_scenarios, urb_scenarios
 
 SCENARIOS = all_scenarios()
-Splitter = Callable[[bytes], list[bytes]]
-
-
-def run_split(steps: Steps, split: Splitter) -> Trio:
-    """Each run of messages from one sender is sent, then fed to its peer and the splice
-    in the pieces `split` makes; both must produce exactly the messages, in order."""
-    trio = Trio.new()
-    for sender, group in itertools.groupby(steps, key=lambda step: step[0]):
-        events = [event for _, event in group]
-        raws = [trio.end(sender).send(event) for event in events]
-        receiver = trio.end(sender.peer)
-        got, frames = [], []
-        for piece in split(b"".join(raws)):
-            assert piece
-            receiver.receive_data(piece)
-            got += drain(receiver)
-            trio.splice.receive_data(sender, piece)
-            frames += drain_frames(trio.splice, sender)
-        assert got == events
-        assert frames == list(zip(events, raws, strict=True))
-        assert trio.splice.buffered(sender) == 0
-    return trio
 
 
 def whole(data: bytes) -> list[bytes]:
