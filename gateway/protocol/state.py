@@ -196,6 +196,12 @@ class ProtocolState:
                 raise error(f"{np} ISO packets is over the limit of {limits.max_iso_packets}")
             if len(event.iso_packets) != np:
                 raise error(f"isochronous URB needs {np} packet descriptors")
+            for i, p in enumerate(event.iso_packets):
+                if p.offset + p.length > event.transfer_buffer_length:
+                    raise error(
+                        f"ISO packet {i} ends at {p.offset + p.length}, past the "
+                        f"{event.transfer_buffer_length}-byte buffer"
+                    )
         elif event.iso_packets:
             raise error("ISO packet descriptors on a non-isochronous URB")
         urb = PendingUrb(
@@ -229,6 +235,16 @@ class ProtocolState:
                 raise error(f"RET_SUBMIT has {np} ISO packets, the URB had {urb.number_of_packets}")
             if len(event.iso_packets) != np:
                 raise error(f"RET_SUBMIT needs {np} ISO packet descriptors")
+            # vhci moves each packet's data to buffer + offset (usbip_pad_iso).
+            for i, p in enumerate(event.iso_packets):
+                if not 0 <= p.actual_length <= p.length or (
+                    p.offset + p.actual_length > urb.transfer_buffer_length
+                ):
+                    raise error(
+                        f"ISO packet {i} reports {p.actual_length} bytes at offset {p.offset}, "
+                        f"outside its {p.length} bytes or the "
+                        f"{urb.transfer_buffer_length}-byte buffer"
+                    )
             if urb.direction == Direction.IN and (
                 sum(p.actual_length for p in event.iso_packets) != event.actual_length
             ):

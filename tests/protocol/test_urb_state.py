@@ -234,3 +234,46 @@ def test_iso_reply_may_not_have_more_packets_than_asked() -> None:
     trio.client.receive_data(bad.encode()[:48])
     with pytest.raises(RemoteProtocolError, match="3 ISO packets, the URB had 2"):
         trio.client.next_event()
+
+
+@pytest.mark.parametrize(
+    "packets",
+    [
+        (IsoPacket(0, 8, 8), IsoPacket(8, 8, -3)),  # negative, but the sum still adds up
+        (IsoPacket(0, 8, 1), IsoPacket(8, 8, 9, 0)),  # more than the packet asked for
+        (IsoPacket(0, 8, 0), IsoPacket(0xFFFFF000, 8, 5)),  # data placed past the buffer
+    ],
+    ids=["negative", "over-packet-length", "offset-past-buffer"],
+)
+def test_iso_in_packet_lengths_stay_inside_the_buffer(packets: tuple[IsoPacket, ...]) -> None:
+    """vhci moves each packet's data to buffer + offset (usbip_pad_iso): a bad descriptor
+    from the server would write outside the client's transfer buffer."""
+    trio = imported_trio()
+    trio.exchange(C, submit(1, Direction.IN, 1, 16, iso=2))
+    actual = sum(p.actual_length for p in packets)
+    bad = RetSubmit(
+        1, actual_length=actual, number_of_packets=2, data=bytes(actual), iso_packets=packets
+    )
+    trio.client.receive_data(bad.encode())
+    with pytest.raises(RemoteProtocolError, match="ISO packet 1"):
+        trio.client.next_event()
+    with pytest.raises(LocalProtocolError, match="ISO packet 1"):
+        trio.server.send(bad)
+
+
+def test_iso_submit_packets_stay_inside_the_buffer() -> None:
+    trio = imported_trio()
+    cmd = CmdSubmit(
+        seqnum=1,
+        devid=DEVID,
+        direction=Direction.IN,
+        ep=1,
+        transfer_buffer_length=16,
+        number_of_packets=2,
+        iso_packets=(IsoPacket(0, 8), IsoPacket(12, 8)),
+    )
+    trio.server.receive_data(cmd.encode())
+    with pytest.raises(RemoteProtocolError, match=r"ISO packet 1 .* past the 16-byte buffer"):
+        trio.server.next_event()
+    with pytest.raises(LocalProtocolError, match="ISO packet 1"):
+        trio.client.send(cmd)
