@@ -111,6 +111,8 @@ class _Reader:
     def next(
         self, state: ProtocolState, keep_raw: bool
     ) -> tuple[Event, bytes, PendingUrb | None] | NeedData:
+        if state.phase is Phase.ERROR:
+            raise RemoteProtocolError("the connection already failed")
         buf = self._buf
         if len(buf) >= self._need:
             parsed = self._parse(state)
@@ -416,13 +418,14 @@ class Splice:
         self._state.apply(sender, event, LocalProtocolError)
         return event.encode()
 
-    def replace(self, frame: Frame, event: Event) -> bytes:
-        """Bytes for `event` in place of the already-applied `frame` (a filtered DEVLIST).
+    def replace(self, frame: Frame, event: OpReplyDevlist) -> bytes:
+        """Bytes for a DEVLIST reply in place of the one in `frame` (a filtered list).
 
-        Only op replies may be replaced; URB frames pass unchanged.
+        Only DEVLIST replies may be replaced: the state they lead to (DONE) does not
+        depend on their content, unlike an IMPORT reply's.
         """
-        if type(event) is not type(frame.event) or not isinstance(
-            event, OpReplyDevlist | OpReplyImport
-        ):
-            raise LocalProtocolError("only an op reply can be replaced, by one of its kind")
+        if not isinstance(frame.event, OpReplyDevlist) or frame.event.status != event.status:
+            raise LocalProtocolError("only a DEVLIST reply can be replaced, keeping its status")
+        if len(event.devices) > len(frame.event.devices):
+            raise LocalProtocolError("a replacement DEVLIST may only leave devices out")
         return event.encode()

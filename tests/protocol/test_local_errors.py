@@ -24,6 +24,7 @@ from gateway.protocol import (
     OpRequestImport,
     OpStatus,
     Phase,
+    RemoteProtocolError,
     RetSubmit,
     RetUnlink,
     Role,
@@ -212,7 +213,7 @@ def test_splice_inject_applies_state() -> None:
         splice.inject(S, OpReplyImport(OpStatus.NODEV))
 
 
-def test_splice_replace_only_swaps_an_op_reply_for_one_of_its_kind() -> None:
+def test_splice_replace_only_filters_a_devlist_reply() -> None:
     splice = Splice()
     splice.receive_data(C, OpRequestDevlist().encode())
     splice.next_frame(C)
@@ -221,8 +222,28 @@ def test_splice_replace_only_swaps_an_op_reply_for_one_of_its_kind() -> None:
     frame = splice.next_frame(S)
     filtered = OpReplyDevlist((exported("1-2", 1),))
     assert splice.replace(frame, filtered) == filtered.encode()  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError, match="only an op reply"):
+    with pytest.raises(LocalProtocolError, match="only a DEVLIST reply"):
         splice.replace(frame, OpReplyImport(OpStatus.NA))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="only leave devices out"):
+        splice.replace(frame, OpReplyDevlist((*full.devices, exported("1-3", 0))))
+
+    # An IMPORT reply decides the phase, so it can never be swapped after the fact.
+    imported = Splice()
+    imported.receive_data(C, OpRequestImport("1-1").encode())
+    imported.next_frame(C)
+    imported.receive_data(S, OpReplyImport(OpStatus.NODEV).encode())
+    refusal = imported.next_frame(S)
+    with pytest.raises(LocalProtocolError, match="only a DEVLIST reply"):
+        imported.replace(refusal, OpReplyDevlist())  # type: ignore[arg-type]
+
+
+def test_a_failed_splice_keeps_failing_even_with_nothing_buffered() -> None:
+    splice = Splice()
+    splice.receive_data(C, b"\x01\x11\x12\x34" + bytes(4))
+    with pytest.raises(RemoteProtocolError):
+        splice.next_frame(C)
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        splice.next_frame(S)
 
 
 def test_data_after_eof_is_a_local_error() -> None:
