@@ -13,9 +13,8 @@ from typing import Any
 import trio
 
 from gateway.config import ClientConfig, is_loopback
-from gateway.logs import kv
 from gateway.protocol import Splice
-from gateway.relay import close_all, relay
+from gateway.relay import close_all, log_session_end, relay
 from gateway.session import Session
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
@@ -91,11 +90,4 @@ class ClientGateway:
         finally:
             await close_all(stream)
             del self.sessions[session.id]
-            level = (
-                logging.INFO
-                if session.outcome.startswith(("closed", "listed"))
-                else logging.WARNING
-            )
-            log.log(
-                level, "session end %s", kv(session.summary()), extra={"fields": session.summary()}
-            )
+            log_session_end(log, session)

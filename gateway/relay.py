@@ -14,6 +14,7 @@ from contextlib import suppress
 
 import trio
 
+from gateway.logs import kv
 from gateway.protocol import ConnectionClosed, Frame, NeedData, ProtocolError, Role, Splice
 from gateway.session import Session
 
@@ -67,7 +68,7 @@ async def relay(
     session: Session,
 ) -> str:
     """Run both pumps until either side ends; close both; return the outcome."""
-    outcome = "cancelled"
+    outcome = "cancelled (gateway stopping)"
 
     async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         nonlocal outcome
@@ -79,11 +80,13 @@ async def relay(
             outcome = f"connection lost: {_cause(exc)}"
         nursery.cancel_scope.cancel()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, Role.CLIENT, client, server)
-        nursery.start_soon(pump, Role.SERVER, server, client)
-    await close_all(client, server)
-    session.outcome = outcome
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, Role.CLIENT, client, server)
+            nursery.start_soon(pump, Role.SERVER, server, client)
+    finally:
+        session.outcome = outcome
+        await close_all(client, server)
     return outcome
 
 
@@ -113,3 +116,10 @@ async def receive_frame(
         if not isinstance(frame, NeedData):
             return frame.event if isinstance(frame.event, ConnectionClosed) else frame
         splice.receive_data(sender, await stream.receive_some(RECEIVE_SIZE))
+
+
+def log_session_end(logger: logging.Logger, session: Session) -> None:
+    """One line per session: who, which device, how it ended, how much went through."""
+    summary = session.summary()
+    level = logging.INFO if session.ended_normally else logging.WARNING
+    logger.log(level, "session end %s", kv(summary), extra={"fields": summary})

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import trio
 
 from gateway.config import ServerConfig
-from gateway.logs import kv
 from gateway.protocol import (
     ConnectionClosed,
     ExportedDevice,
@@ -30,7 +29,7 @@ from gateway.protocol import (
     Role,
     Splice,
 )
-from gateway.relay import close_all, receive_frame, relay
+from gateway.relay import close_all, log_session_end, receive_frame, relay
 from gateway.session import Session
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
@@ -111,7 +110,7 @@ class ServerGateway:
             await self._serve_session(tls_stream, identity, session)
         finally:
             del self.sessions[session.id]
-            log.info("session end %s", kv(session.summary()), extra={"fields": session.summary()})
+            log_session_end(log, session)
 
     async def _serve_session(
         self, client: trio.SSLStream[trio.SocketStream], identity: PeerIdentity, session: Session
@@ -133,7 +132,7 @@ class ServerGateway:
                 session.observe(Role.CLIENT, request, trio.current_time())
                 await self._answer(client, identity, session, splice, request)
                 return
-        await trio.aclose_forcefully(client)
+        await close_all(client)
 
     async def _answer(
         self,

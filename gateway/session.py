@@ -66,6 +66,11 @@ class Session:
             elif kind is OpReplyImport and event.status != 0:  # type: ignore[union-attr]
                 self.outcome = f"import refused by usbipd (status {event.status})"  # type: ignore[union-attr]
 
+    @property
+    def ended_normally(self) -> bool:
+        """Closed by either end or by our own shutdown, not by an error."""
+        return self.outcome.startswith(("closed", "listed", "cancelled"))
+
     def summary(self) -> dict[str, Any]:
         return {
             "session": self.id,

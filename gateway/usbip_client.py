@@ -68,10 +68,11 @@ class _Link:
 async def list_devices(
     stream: trio.abc.Stream, limits: Limits | None = None
 ) -> tuple[ExportedDevice, ...]:
-    """DEVLIST over a fresh connection (the server closes it after the reply)."""
-    link = _Link(stream, limits)
-    await link.send(OpRequestDevlist())
-    reply = await link.next_event()
+    """DEVLIST over a fresh connection, which it closes (the server does too)."""
+    async with stream:
+        link = _Link(stream, limits)
+        await link.send(OpRequestDevlist())
+        reply = await link.next_event()
     if not isinstance(reply, OpReplyDevlist):
         raise ConnectionError(f"no DEVLIST reply: {reply!r}")
     if reply.status != OpStatus.OK:
@@ -108,13 +109,17 @@ class ImportedDevice:
         self._waiting: dict[int, tuple[trio.Event, list[Completion]]] = {}
         self._unlinks: dict[int, int] = {}
         self._send_lock = trio.Lock()
+        self._sent: dict[int, trio.Event] = {}
         self.closed = trio.Event()
 
     async def serve(self) -> None:
-        """Deliver completions until the server closes the connection."""
+        """Deliver completions until either end closes the connection."""
         try:
             while True:
-                event = await self._link.next_event()
+                try:
+                    event = await self._link.next_event()
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return
                 if isinstance(event, ConnectionClosed):
                     return
                 if isinstance(event, RetSubmit):
@@ -149,6 +154,7 @@ class ImportedDevice:
     ) -> Completion:
         seqnum = self.next_seqnum() if seqnum is None else seqnum
         done, result = self._waiting[seqnum] = (trio.Event(), [])
+        sent = self._sent.setdefault(seqnum, trio.Event())
         cmd = CmdSubmit(
             seqnum=seqnum,
             devid=self.device.devid,
@@ -160,6 +166,8 @@ class ImportedDevice:
         )
         async with self._send_lock:
             await self._link.send(cmd)
+        sent.set()
+        del self._sent[seqnum]
         await done.wait()
         if not result:
             raise ConnectionError(f"connection closed with URB {seqnum} in flight")
@@ -176,6 +184,13 @@ class ImportedDevice:
         async with self._send_lock:
             await self._link.send(CmdUnlink(unlink_seq, seqnum, self.device.devid))
 
+    async def sent(self, seqnum: int) -> None:
+        """Wait until the CMD_SUBMIT for `seqnum` (being submitted elsewhere) is sent."""
+        event = self._sent.setdefault(seqnum, trio.Event())
+        if seqnum in self._waiting and seqnum not in self._sent:
+            return
+        await event.wait()
+
     def in_flight(self, seqnum: int) -> bool:
         return seqnum in self._waiting
 
@@ -186,11 +201,17 @@ class ImportedDevice:
 async def import_device(
     stream: trio.abc.Stream, busid: str, limits: Limits | None = None
 ) -> ImportedDevice:
+    """IMPORT `busid`; the stream then carries its URBs. Closed if the import fails."""
     link = _Link(stream, limits)
-    await link.send(OpRequestImport(busid))
-    reply = await link.next_event()
-    if not isinstance(reply, OpReplyImport):
-        raise ConnectionError(f"no IMPORT reply: {reply!r}")
-    if reply.device is None:
+    try:
+        await link.send(OpRequestImport(busid))
+        reply = await link.next_event()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    if isinstance(reply, OpReplyImport) and reply.device is not None:
+        return ImportedDevice(link, reply.device)
+    await trio.aclose_forcefully(stream)
+    if isinstance(reply, OpReplyImport):
         raise ImportRefused(busid, reply.status)
-    return ImportedDevice(link, reply.device)
+    raise ConnectionError(f"no IMPORT reply: {reply!r}")

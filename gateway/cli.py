@@ -1,0 +1,157 @@
+"""`usbip-gateway`: the command line of both gateways, the simulator and the tooling."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gateway import __version__
+from gateway.certificates import add_certs_parser
+from gateway.client import ClientGateway
+from gateway.config import ClientConfig, ConfigError, ServerConfig, load
+from gateway.logs import setup_logging
+from gateway.server import ServerGateway
+from gateway.sim.cli import add_sim_parser
+from gateway.transport.tls import ReloadableContext, TLSConfigError
+
+log = logging.getLogger("gateway")
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument(
+        "--listen", action="append", metavar="HOST:PORT", help="address to listen on (repeatable)"
+    )
+    parser.add_argument("--cert", help="this gateway's certificate (PEM)")
+    parser.add_argument("--key", help="this gateway's private key (PEM)")
+    parser.add_argument("--ca", help="CA certificate(s) the peer's certificate must chain to")
+    parser.add_argument("--tls-min-version", choices=("1.2", "1.3"), help="default 1.3")
+    parser.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
+    parser.add_argument("--connect-timeout", type=float, metavar="SECONDS")
+    parser.add_argument("--max-transfer-length", type=int, metavar="BYTES")
+    parser.add_argument("--max-pending-urbs", type=int)
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("text", "json"))
+
+
+def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        f"{role}.listen": args.listen,
+        "tls.cert": args.cert,
+        "tls.key": args.key,
+        "tls.ca": args.ca,
+        "tls.min_version": args.tls_min_version,
+        f"{role}.handshake_timeout": args.handshake_timeout,
+        f"{role}.connect_timeout": args.connect_timeout,
+        "limits.max_transfer_length": args.max_transfer_length,
+        "limits.max_pending_urbs": args.max_pending_urbs,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+    }
+
+
+async def _signals(tls: ReloadableContext, cancel: trio.CancelScope) -> None:
+    """SIGHUP: reload certificates for new connections. SIGTERM/SIGINT: stop."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    tls.reload()
+                    log.info("reloaded TLS certificates (generation %d)", tls.generation)
+                except TLSConfigError as exc:
+                    log.error("TLS reload failed, keeping the previous certificates: %s", exc)
+            else:
+                log.info("%s received, stopping", signal.Signals(signum).name)
+                cancel.cancel()
+                return
+
+
+async def _run(gateway: ServerGateway | ClientGateway) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, gateway.tls, nursery.cancel_scope)
+        await nursery.start(gateway.serve)
+
+
+def _load_or_exit(role: str, args: argparse.Namespace) -> ServerConfig | ClientConfig | None:
+    try:
+        return load(role, args.config, _overrides(role, args) | _role_overrides(role, args))  # type: ignore[arg-type]
+    except ConfigError as exc:
+        print(f"usbip-gateway {role}: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def _role_overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
+    if role == "server":
+        return {"server.upstream": args.upstream, "server.request_timeout": args.request_timeout}
+    return {"client.server": args.server, "client.server_name": args.server_name}
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.command, args)
+    if config is None:
+        return 2
+    setup_logging(config.log.level, config.log.format)
+    try:
+        gateway = (
+            ServerGateway(config) if isinstance(config, ServerConfig) else ClientGateway(config)
+        )
+    except TLSConfigError as exc:
+        print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_run, gateway)
+    except OSError as exc:
+        print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usbip-gateway",
+        description="Mutual-TLS gateway pair for Linux USB/IP, with per-URB visibility.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    server = sub.add_parser(
+        "server", help="the server gateway: mutual TLS in, usbipd on loopback out"
+    )
+    _common_flags(server)
+    server.add_argument("--upstream", metavar="HOST:PORT", help="usbipd (default 127.0.0.1:3240)")
+    server.add_argument("--request-timeout", type=float, metavar="SECONDS")
+    server.set_defaults(func=_cmd_gateway)
+
+    client = sub.add_parser(
+        "client", help="the client gateway: plain USB/IP on loopback in, mutual TLS out"
+    )
+    _common_flags(client)
+    client.add_argument("--server", metavar="HOST:PORT", help="the server gateway")
+    client.add_argument(
+        "--server-name", help="name the server certificate must carry (default: its host)"
+    )
+    client.set_defaults(func=_cmd_gateway)
+
+    add_certs_parser(sub)
+    add_sim_parser(sub)
+    from gateway.demo import add_demo_parser  # noqa: PLC0415 - the demo pulls in everything
+
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
