@@ -624,3 +624,14 @@ def test_codec_rejects_a_ret_submit_after_unlink() -> None:
     client.receive_data(RetSubmit(5, 0, 1, data=b"x").encode())
     with pytest.raises(RemoteProtocolError):
         client.next_event()
+
+
+async def test_port_reset_keeps_configuration_and_clears_halts(sim: Sim) -> None:
+    client = await sim.imported("1-1")
+    assert (await client.control(0x01, 0x0B, 1, 0)).status == 0
+    assert (await client.control(0x02, 0x03, 0, 0x81)).status == 0
+    # USB_RT_PORT SET_FEATURE(PORT_RESET), which usbip-host turns into a device reset
+    assert (await client.control(0x23, 0x03, 4, 1)).status == 0
+    assert (await client.control(0x82, 0x00, 0, 0x81, 2)).data == b"\x00\x00"
+    assert (await client.control(0x81, 0x0A, 0, 0, 1)).data == b"\x00"
+    assert (await client.control(0x80, 0x08, length=1)).data == b"\x01"

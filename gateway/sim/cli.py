@@ -11,7 +11,7 @@ import trio
 from ..protocol import DEFAULT_PORT
 from .catalog import DEVICE_NAMES, make_devices
 from .gadget_zero import Pattern
-from .server import SimServer, serve_sim
+from .server import SimServer, format_address, serve_sim
 
 log = logging.getLogger("gateway.sim")
 
@@ -68,14 +68,15 @@ def run_sim(args: argparse.Namespace) -> int:
     names = DEVICE_NAMES if "all" in args.devices else tuple(args.devices)
     server = SimServer(make_devices(names, pattern=args.pattern))
     host, port = args.listen
+    failed = False
     try:
         trio.run(_main, server, host, port)
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc)
-        return 1
-    return 0
+    except* KeyboardInterrupt:
+        log.info("interrupted, stopping")
+    except* OSError as group:
+        log.error("cannot listen on %s: %s", format_address(host, port), group.exceptions[0])
+        failed = True
+    return 1 if failed else 0
 
 
 async def _main(server: SimServer, host: str, port: int) -> None:

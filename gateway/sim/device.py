@@ -44,8 +44,9 @@ SET_INTERFACE = 0x0B
 ENDPOINT_HALT = 0
 DEVICE_REMOTE_WAKEUP = 1
 PORT_RESET = 4  # a hub-port feature; usbip-host turns it into a device reset
+PORT_RESET_TYPE = 0x23  # USB_RT_PORT: class request to "other" (a hub port)
 
-RECIP_DEVICE, RECIP_INTERFACE, RECIP_ENDPOINT, RECIP_OTHER = 0, 1, 2, 3
+RECIP_DEVICE, RECIP_INTERFACE, RECIP_ENDPOINT = 0, 1, 2
 
 SIM_SYSFS_ROOT = "/sys/devices/platform/usbip-gateway-sim"
 
@@ -282,6 +283,17 @@ class SimDevice:
         """Called after CLEAR_FEATURE(ENDPOINT_HALT) on an endpoint."""
 
     async def _control(self, setup: Setup, data: bytes) -> UrbResult:
+        if (setup.request_type, setup.request, setup.value) == (
+            PORT_RESET_TYPE,
+            SET_FEATURE,
+            PORT_RESET,
+        ):
+            # usbip-host runs a hub-port reset as usb_reset_device, which keeps the
+            # configuration and clears everything else.
+            value = self.configuration
+            self.reset()
+            self._set_configuration(value)
+            return OK
         result = self._standard(setup, data) if setup.kind == 0 else None
         if result is None:
             result = await self.handle_control(setup, data)
@@ -384,12 +396,6 @@ class SimDevice:
             else:
                 self.halted.discard(address)
                 self.on_clear_halt(address)
-            return OK
-        if recipient == RECIP_OTHER and feature == PORT_RESET and set_it:
-            # usbip-host runs this as usb_reset_device, which restores the configuration.
-            value = self.configuration
-            self.reset()
-            self._set_configuration(value)
             return OK
         return None
 

@@ -187,6 +187,7 @@ class Loopback(SimDevice):
         serial: str = "SIM-LB-0001",
         capacity: int = 1024 * 1024,
     ) -> None:
+        self.fifo = ChunkFifo(capacity)  # before super().__init__, which calls reset()
         super().__init__(
             busid=busid,
             busnum=busnum,
@@ -203,14 +204,11 @@ class Loopback(SimDevice):
                 )
             ],
         )
-        self.fifo = ChunkFifo(capacity)
         self.control_buffer = _ControlBuffer()
 
     def reset(self) -> None:
         super().reset()
-        # Called from SimDevice.__init__ before our attributes exist.
-        if hasattr(self, "fifo"):
-            self.fifo.clear()
+        self.fifo.clear()
 
     async def handle_control(self, setup: Setup, data: bytes) -> UrbResult | None:
         return self.control_buffer.handle(setup, data)

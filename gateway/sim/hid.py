@@ -70,6 +70,11 @@ class HidKeyboard(SimDevice):
             DT_REPORT,
             len(BOOT_KEYBOARD_REPORT_DESCRIPTOR),
         )
+        # State reset() needs, set before super().__init__ calls it.
+        self.reports = ChunkFifo()
+        self.current_report = keyboard_report()
+        self.leds = self.idle = 0
+        self.protocol = 1  # report protocol until the host asks for boot
         interrupt_in = EndpointDescriptor(0x81, TransferType.INTERRUPT, REPORT_SIZE, 10)
         interface = InterfaceDescriptor(
             0,
@@ -94,19 +99,13 @@ class HidKeyboard(SimDevice):
             configurations=[ConfigurationDescriptor(1, (interface,), 0xA0, 50)],
         )
         self._hid_descriptor = hid
-        self.reports = ChunkFifo()
-        self.current_report = keyboard_report()
-        self.leds = 0
-        self.idle = 0
-        self.protocol = 1  # report protocol until the host asks for boot
 
     def reset(self) -> None:
         super().reset()
-        if hasattr(self, "reports"):
-            self.reports.clear()
-            self.current_report = keyboard_report()
-            self.leds = self.idle = 0
-            self.protocol = 1
+        self.reports.clear()
+        self.current_report = keyboard_report()
+        self.leds = self.idle = 0
+        self.protocol = 1
 
     def inject(self, report: bytes) -> None:
         """Queue one input report for the interrupt IN endpoint; the oldest pending URB
