@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .image import GuestImage, PrerequisiteError, build_guest
+from .image import GuestImage, PrerequisiteError, build_guest, build_testusb
 
 # (test id, measurement name, seconds or value) collected by the `timings` fixture.
 _TIMINGS: list[tuple[str, str, str]] = []
@@ -18,6 +18,14 @@ _TIMINGS: list[tuple[str, str, str]] = []
 def guest_image() -> GuestImage:
     try:
         return build_guest()
+    except PrerequisiteError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def testusb_binary() -> Path:
+    try:
+        return build_testusb()
     except PrerequisiteError as exc:
         pytest.fail(str(exc), pytrace=False)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -37,6 +38,9 @@ from .image import GuestImage
 HERE = Path(__file__).resolve().parent
 GUESTLIB = HERE / "guestlib.sh"
 QEMU = "qemu-system-x86_64"
+KERNEL_PROBLEM = re.compile(
+    r"general protection fault|BUG:|Oops|Kernel panic|WARNING:|RIP: |Call Trace|unable to handle"
+)
 
 
 class GuestError(AssertionError):
@@ -117,9 +121,18 @@ class GuestResult:
         """Guest uptime when /init started the scenario script (kernel + modules + net)."""
         return self.init_times.get("ready")
 
+    def kernel_problems(self) -> list[str]:
+        """Console lines reporting a kernel oops, BUG, warning or panic."""
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [ln for ln in text.splitlines() if KERNEL_PROBLEM.search(ln)]
+
     def diagnosis(self) -> str:
         return (
             f"guest in {self.workdir}: exit_code={self.exit_code} timed_out={self.timed_out} "
+            f"kernel problems: {self.kernel_problems()[:6]}\n"
             f"qemu_rc={self.qemu_returncode} wall={self.wall_seconds:.1f}s\n"
             f"errors: {self.errors}\nresults: {self.results}\n"
             f"--- run.log (tail) ---\n{tail(self.run_log)}\n"
@@ -159,7 +172,7 @@ class Guest:
         hostfwd_port: int | None = None,
         params: Mapping[str, str | int] | None = None,
         files: Mapping[str, Path | bytes] | None = None,
-        smp: int = 2,
+        smp: int | None = None,
         memory_mb: int = 512,
         trace: bool = True,
     ) -> None:
@@ -170,7 +183,7 @@ class Guest:
         self.hostfwd_port = hostfwd_port if hostfwd_port is not None else free_port()
         self.params = dict(params or {})
         self.files = dict(files or {})
-        self.smp = smp
+        self.smp = smp if smp is not None else int(os.environ.get("USBIP_GW_GUEST_SMP", "2"))
         self.memory_mb = memory_mb
         self.trace = trace
 
@@ -207,7 +220,7 @@ class Guest:
             "-no-reboot",
             "-kernel", str(self.image.kernel),
             "-initrd", str(self.image.initramfs),
-            "-append", "console=ttyS0 panic=-1 loglevel=6",
+            "-append", "console=ttyS0 panic=-1 oops=panic loglevel=6",
             "-virtfs",
             f"local,path={self.workdir},mount_tag=host,security_model=none",
             "-netdev",

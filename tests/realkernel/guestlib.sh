@@ -253,3 +253,74 @@ rk_hid_check() { # PREFIX PORT: export every local 0627:0001 (usb-kbd, usb-table
     done
     rk_result "${p}_vhci_count" "$i"
 }
+
+rk_sourcesink_gadget() { # PATTERN: a Gadget Zero-like SourceSink gadget on dummy_hcd
+    local g
+    modprobe dummy_hcd || { rk_fail "modprobe dummy_hcd"; return 1; }
+    modprobe usb_f_ss_lb || { rk_fail "modprobe usb_f_ss_lb"; return 1; }
+    mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+    g=/sys/kernel/config/usb_gadget/rkzero
+    mkdir "$g" || { rk_fail "configfs gadget mkdir"; return 1; }
+    echo 0x0525 > "$g/idVendor"
+    echo 0xa4a0 > "$g/idProduct"
+    mkdir "$g/strings/0x409"
+    echo rk-sourcesink > "$g/strings/0x409/serialnumber"
+    echo usbip-gateway-tests > "$g/strings/0x409/manufacturer"
+    echo "SourceSink on dummy_hcd" > "$g/strings/0x409/product"
+    mkdir "$g/configs/c.1"
+    mkdir "$g/functions/SourceSink.0"
+    echo "$1" > "$g/functions/SourceSink.0/pattern"
+    ln -s "$g/functions/SourceSink.0" "$g/configs/c.1/"
+    echo "$(ls /sys/class/udc | head -n 1)" > "$g/UDC" || { rk_fail "gadget UDC bind"; return 1; }
+    rk_result gadget_udc "$(cat "$g/UDC")"
+}
+
+rk_has_driver() { # SYSFS_INTERFACE_DIR
+    test -e "$1/driver"
+}
+
+rk_devnode() { # SYSFS_DEVICE_DIR: /dev/bus/usb/BBB/DDD
+    local b d
+    read -r b < "$1/busnum"
+    read -r d < "$1/devnum"
+    printf '/dev/bus/usb/%03d/%03d\n' "$b" "$d"
+}
+
+rk_usbtest() { # PREFIX SYSFS_DEVICE_DIR CASES...: run testusb case by case
+    # Records PREFIX_case_N = pass SECS | fail ERRNO MESSAGE | unsupported | timeout | rc=N
+    # (testusb prints nothing for a case the driver answers EOPNOTSUPP).
+    local p dev node c out rc
+    p=$1
+    dev=$2
+    shift 2
+    node=$(rk_devnode "$dev")
+    rk_result "${p}_node" "$node"
+    rk_result "${p}_drivers" "$(rk_interface_drivers "$dev")"
+    for c in "$@"; do
+        rk_result "${p}_case_$c" running
+        sync
+        out=$(timeout "${RK_USBTEST_CASE_TIMEOUT:-60}" /host/testusb -D "$node" -t "$c" \
+            -c "${RK_USBTEST_COUNT:-100}" -s "${RK_USBTEST_SIZE:-1024}" \
+            -v "${RK_USBTEST_VARY:-512}" -g "${RK_USBTEST_SGLEN:-8}" 2>> /host/testusb.err)
+        rc=$?
+        echo "case $c rc=$rc: $out" >> /host/testusb.out
+        case "$out" in
+            *"test $c,"*) rk_result "${p}_case_$c" "pass $(echo "$out" | sed -n 's/.*test [0-9]*, *\([0-9.]*\) secs.*/\1/p')" ;;
+            *"test $c -->"*) rk_result "${p}_case_$c" "fail $(echo "$out" | sed -n 's/.*--> //p')" ;;
+            *)
+                if [ "$rc" -eq 143 ] || [ "$rc" -eq 124 ]; then
+                    rk_result "${p}_case_$c" "timeout"
+                elif [ "$rc" -eq 0 ]; then
+                    rk_result "${p}_case_$c" "unsupported"
+                else
+                    rk_result "${p}_case_$c" "rc=$rc"
+                fi
+                ;;
+        esac
+        # A failed case may leave the device gone (e.g. the connection dropped).
+        if ! test -e "$dev/devnum"; then
+            rk_result "${p}_device_lost_after" "$c"
+            break
+        fi
+    done
+}

@@ -74,6 +74,8 @@ BOOT_MODULES = (
 HOST_BINARIES = ("/usr/sbin/usbip", "/usr/sbin/usbipd")
 BUSYBOX = "/bin/busybox"
 USB_IDS = "/usr/share/hwdata/usb.ids"
+# Bump when the way testusb is built changes (it is cached on this and linux-source's version).
+TESTUSB_BUILD = "gcc -static -O2 -pthread tools/usb/testusb.c; rev 1"
 REQUIRED_TOOLS = (
     "qemu-system-x86_64",
     "busybox",
@@ -398,8 +400,7 @@ def build_testusb() -> Path:
     if shutil.which("gcc") is None:
         raise PrerequisiteError(f"building testusb needs gcc; {INSTALL_HINT}")
     pkg, version = _linux_source_package()
-    h = hashlib.sha256(f"{pkg}={version}\n".encode())
-    h.update(Path(__file__).read_bytes())
+    h = hashlib.sha256(f"{pkg}={version}\n{TESTUSB_BUILD}\n".encode())
     key = h.hexdigest()[:20]
     croot = cache_root()
     out = croot / f"testusb-{key}" / "testusb"
