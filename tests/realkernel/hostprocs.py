@@ -235,7 +235,10 @@ async def start_gateway_pair(
 
 
 async def start_sim(
-    procs: HostProcesses, extra: Sequence[str] = (), ready_by_connect: bool = False
+    procs: HostProcesses,
+    extra: Sequence[str] = (),
+    ready_by_connect: bool = False,
+    ready_timeout: float = 30.0,
 ) -> tuple[HostProcess, int]:
     """`gateway sim` on a free port. ready_by_connect also accepts a connectable port as
     ready (for a sim that does not log its "listening on" line)."""
@@ -243,6 +246,7 @@ async def start_sim(
     sim = await procs.start(
         "sim",
         gateway_argv("sim", "--listen", f"127.0.0.1:{port}", *extra),
+        ready_timeout=ready_timeout,
         ready_port=port if ready_by_connect else None,
     )
     return sim, port

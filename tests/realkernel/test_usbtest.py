@@ -43,4 +43,5 @@ def test_usbtest_gadget_direct(
     check_cases(res, cases, BULK_CONTROL_CASES)
     assert res["gadget_local_drivers"].endswith(":usbtest")
     assert res["direct_drivers"].endswith(":usbtest"), res.diagnosis()
-    timings("usbtest cases", res.elapsed("direct_attached", "direct_tested"))
+    if "t_direct_tested" in res.results:
+        timings("usbtest cases", res.elapsed("direct_attached", "direct_tested"))
