@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging("info")  # commands with a log config replace this
     result: int = args.func(args)
     return result
 

@@ -1,0 +1,165 @@
+"""The real processes, started the way a user starts them: config files, flags, signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.protocol import OpStatus
+
+from .pki import PKI
+
+READY = re.compile(r"listening on (\S+):(\d+)")
+START_TIMEOUT = 30.0
+
+
+class Process:
+    """A `python -m gateway ...` child whose stderr we read until it says it listens."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+
+    def wait_ready(self) -> int:
+        """The port from the process's own `listening on` line (it may have asked for 0)."""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.proc.stderr], [], [], 1.0)
+            if not readable:
+                continue
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if match := READY.search(line):
+                return int(match.group(2))
+        raise AssertionError("not listening in time:\n" + "".join(self.lines))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=START_TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            assert self.proc.stderr is not None
+            self.lines.extend(self.proc.stderr)
+        return code
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+        if process.proc.stderr:
+            process.proc.stderr.close()
+
+
+def _start(processes: list[Process], *args: str) -> tuple[Process, int]:
+    process = Process(*args)
+    processes.append(process)
+    return process, process.wait_ready()
+
+
+def _usbip_list(port: int) -> str:
+    usbip = "/usr/sbin/usbip"
+    if not Path(usbip).exists():
+        pytest.fail("Debian's usbip tool is missing: apt-get install usbip (.ci/run does)")
+    result = subprocess.run(
+        [usbip, "--tcp-port", str(port), "list", "-r", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    return result.stdout + result.stderr
+
+
+def test_three_processes_from_config_and_flags(
+    pki: PKI, tmp_path: Path, processes: list[Process]
+) -> None:
+    _, sim_port = _start(processes, "sim", "--listen", "127.0.0.1:0")
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\nupstream = "127.0.0.1:{sim_port}"\n'
+        f'[tls]\ncert = "{pki.server_cert}"\nkey = "{pki.server_key}"\nca = "{pki.ca_pem}"\n'
+    )
+    server, server_port = _start(processes, "server", "--config", str(server_toml))
+    # The client entirely from flags.
+    client, client_port = _start(
+        processes,
+        "client",
+        "--listen", "127.0.0.1:0",
+        "--server", f"127.0.0.1:{server_port}",
+        "--server-name", "localhost",
+        "--cert", str(pki.client_cert),
+        "--key", str(pki.client_key),
+        "--ca", str(pki.ca_pem),
+    )  # fmt: skip
+    listing = _usbip_list(client_port)
+    assert '1-1: Netchip Technology, Inc. : Linux-USB "Gadget Zero" (0525:a4a0)' in listing
+
+    # SIGHUP reloads the certificates and keeps serving.
+    server.proc.send_signal(signal.SIGHUP)
+    assert "1-2:" in _usbip_list(client_port)
+
+    assert client.stop() == 0
+    assert server.stop() == 0
+    server_log = "".join(server.lines)
+    assert "reloaded TLS certificates (generation 2)" in server_log
+    # One log line per session, with the client's identity and the outcome.
+    assert re.search(r"session end .*peer=CN=test-client .*request=devlist", server_log)
+    assert "outcome='listed 3 of 3 devices'" in server_log
+
+
+def test_config_error_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "server.toml"
+    bad.write_text('[tls]\ncert = "x"\n')
+    assert main(["server", "--config", str(bad)]) == 2
+    assert "configuration error: tls.cert: file not found" in capsys.readouterr().err
+
+
+def test_a_missing_client_flag_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["client", "--cert", "a", "--key", "b", "--ca", "c"]) == 2
+    assert "client.server: is required" in capsys.readouterr().err
+
+
+def test_demo_check_runs_the_whole_path(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--check", "--port", "0", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "self-check passed" in result.stdout
+    assert "identical" in result.stdout
+    # The demo's keys are private to their owner.
+    assert (tmp_path / "client.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_op_status_names_match_the_tools() -> None:
+    # `usbip attach` prints these names; keep ours aligned with usbip_network.h.
+    assert [s.name for s in OpStatus] == ["OK", "NA", "DEV_BUSY", "DEV_ERR", "NODEV", "ERROR"]
