@@ -111,3 +111,16 @@ def test_merge_keeps_untouched_keys() -> None:
         "log": {"level": "info"},
     }
     assert base["tls"]["cert"] == "a"
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_shipped_example_configs_load(role: str, files: Path) -> None:
+    example = Path(__file__).parent.parent / "deploy" / "config" / f"{role}.toml"
+    # The examples point at /etc; the TLS files are swapped for ones that exist here.
+    tls = {
+        f"tls.{k}": str(files / n)
+        for k, n in (("cert", "gw.pem"), ("key", "gw.key"), ("ca", "ca.pem"))
+    }
+    config = load(role, example, tls)  # type: ignore[arg-type]
+    assert config.limits.max_transfer_length == 16 * 1024 * 1024
+    assert config.log.format == "text"
