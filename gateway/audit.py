@@ -64,7 +64,7 @@ class AuditLog:
                     while True:
                         try:
                             batch.append(self._receive.receive_nowait())
-                        except trio.WouldBlock:
+                        except (trio.WouldBlock, trio.EndOfChannel):
                             break
                     await trio.to_thread.run_sync(_write, stream, batch)
                     self.written += len(batch)
