@@ -1,0 +1,26 @@
+"""Per-device access policy: a USBGuard-style rule language over client and device facts.
+
+The engine is pure (no I/O, no clock); `sysfs` reads the device strings and `cli` is the
+`policy check` / `policy explain` command. The language is described in docs/policy.md.
+"""
+
+from .conditions import Operator, Target
+from .engine import Decision, Explanation, Policy, Step
+from .errors import PolicyError
+from .facts import ClientFacts, DeviceFacts
+from .parser import parse_device_spec
+from .rules import Rule
+
+__all__ = [
+    "ClientFacts",
+    "Decision",
+    "DeviceFacts",
+    "Explanation",
+    "Operator",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "Step",
+    "Target",
+    "parse_device_spec",
+]
