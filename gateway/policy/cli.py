@@ -144,7 +144,11 @@ def device_from_args(args: argparse.Namespace) -> DeviceFacts:
         parts.append(f"class {args.device_class}")
     if args.interface:
         parts.append("with-interface { " + " ".join(args.interface) + " }")
-    return parse_device_spec(" ".join(parts), "arguments")
+    try:
+        return parse_device_spec(" ".join(parts), "arguments")
+    except PolicyError as exc:
+        # The spec was built here, so a column in it would point at nothing the user typed.
+        raise ValueError(exc.message) from None
 
 
 def run_explain(args: argparse.Namespace) -> int:
