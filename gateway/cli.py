@@ -39,6 +39,16 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pending-urbs", type=int)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("text", "json"))
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz and /status here (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-device-label",
+        choices=("none", "busid", "vidpid"),
+        help="add a bounded device label to URB metrics (default none)",
+    )
 
 
 def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -54,6 +64,8 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "limits.max_pending_urbs": args.max_pending_urbs,
         "log.level": args.log_level,
         "log.format": args.log_format,
+        "metrics.listen": args.metrics_listen,
+        "metrics.device_label": args.metrics_device_label,
     }
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import trio
 
 from gateway.config import ClientConfig, is_loopback
+from gateway.observability.http import serve_http
+from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay import close_all, log_session_end, relay
 from gateway.session import Session
@@ -35,6 +37,7 @@ class ClientGateway:
             config.tls.cert, config.tls.key, config.tls.ca, min_version=config.tls.version
         )
         self.sessions: dict[int, Session] = {}
+        self.metrics = GatewayMetrics.for_client(config)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[TunedListener] = []
@@ -54,24 +57,41 @@ class ClientGateway:
                 self.config.server,
                 self.config.server_name,
             )
-        task_status.started(listeners)
-        await trio.serve_listeners(self.handle, listeners)
+        async with trio.open_nursery() as nursery:
+            if self.config.metrics.listen is not None:
+                await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
+            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            self.metrics.listening = True
+            task_status.started(listeners)
 
     async def connect(self) -> trio.SSLStream[trio.SocketStream]:
         """A verified mutual-TLS connection to the server gateway."""
         server = self.config.server
-        tcp = await open_tcp(server.host, server.port, connect_timeout=self.config.connect_timeout)
+        try:
+            tcp = await open_tcp(
+                server.host, server.port, connect_timeout=self.config.connect_timeout
+            )
+        except (OSError, trio.TooSlowError):
+            self.metrics.upstream_connect_failed()
+            raise
+        self.metrics.upstream_connected()
         stream = trio.SSLStream(tcp, self.tls.current, server_hostname=self.config.server_name)
         try:
             await handshake(stream, self.config.handshake_timeout)
+        except HandshakeFailed as exc:
+            self.metrics.handshake_failed(exc.reason)
+            await trio.aclose_forcefully(stream)
+            raise
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
+        self.metrics.handshake_succeeded()
         return stream
 
     async def handle(self, stream: trio.SocketStream) -> None:
         session = Session("client", "", peer_name(stream), time.time())
         self.sessions[session.id] = session
+        self.metrics.session_started(session)
         try:
             try:
                 upstream = await self.connect()
@@ -90,4 +110,5 @@ class ClientGateway:
         finally:
             await close_all(stream)
             del self.sessions[session.id]
+            self.metrics.session_ended(session)
             log_session_end(log, session)

@@ -19,6 +19,8 @@ from gateway.protocol import DEFAULT_PORT, Limits
 
 LogFormat = Literal["text", "json"]
 Role = Literal["server", "client"]
+DeviceLabel = Literal["none", "busid", "vidpid"]
+METRICS_PORT = 9240
 
 
 class ConfigError(Exception):
@@ -91,6 +93,17 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """URB metrics and the HTTP endpoint (/metrics, /healthz, /readyz, /status)."""
+
+    listen: Address | None = None  # no HTTP endpoint when unset
+    enabled: bool = True  # per-URB accounting (RTT, results, per-session percentiles)
+    device_label: DeviceLabel = "none"  # "busid" or "vidpid" adds a bounded device label
+    device_label_limit: int = 64  # distinct device values; later ones become "other"
+    upstream_check_interval: float = 5.0  # seconds a usbipd reachability check is reused
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The server gateway: mutual TLS in, usbipd on loopback out."""
 
@@ -102,6 +115,7 @@ class ServerConfig:
     connect_timeout: float = 5.0
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +130,7 @@ class ClientConfig:
     connect_timeout: float = 5.0
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # ------------------------------------------------------------------ reading
@@ -173,6 +188,14 @@ class _Table:
             raise ConfigError(self.key(name), f"must be greater than {minimum:g}")
         return float(value)
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"must be true or false, not {value!r}")
+        return value
+
     def integer(
         self, name: str, default: int, *, minimum: int = 1, maximum: int = 2**31 - 1
     ) -> int:
@@ -184,6 +207,11 @@ class _Table:
         if not minimum <= value <= maximum:
             raise ConfigError(self.key(name), f"{value} is outside {minimum}..{maximum}")
         return value
+
+    def optional_address(self, name: str, default_port: int) -> Address | None:
+        if self.raw(name) is None:
+            return None
+        return parse_address(self.string(name), self.key(name), default_port)
 
     def path(self, name: str, base: Path, *, must_exist: bool = True) -> Path:
         path = Path(self.string(name))
@@ -239,6 +267,21 @@ def _log(table: _Table) -> LogSettings:
     return log
 
 
+def _metrics(table: _Table) -> MetricsSettings:
+    d = MetricsSettings()
+    metrics = MetricsSettings(
+        listen=table.optional_address("listen", METRICS_PORT),
+        enabled=table.boolean("enabled", d.enabled),
+        device_label=table.choice("device_label", ("none", "busid", "vidpid"), "none"),  # type: ignore[arg-type]
+        device_label_limit=table.integer(
+            "device_label_limit", d.device_label_limit, maximum=10_000
+        ),
+        upstream_check_interval=table.number("upstream_check_interval", 5.0),
+    )
+    table.done()
+    return metrics
+
+
 def read_toml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -279,6 +322,7 @@ def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConf
         connect_timeout=section.number("connect_timeout", 5.0),
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
+        metrics=_metrics(top.table("metrics")),
     )
     section.done()
     top.done()
@@ -298,6 +342,7 @@ def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConf
         connect_timeout=section.number("connect_timeout", 5.0),
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
+        metrics=_metrics(top.table("metrics")),
     )
     section.done()
     top.done()

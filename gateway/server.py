@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import trio
 
 from gateway.config import ServerConfig
+from gateway.observability.http import serve_http
+from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import (
     ConnectionClosed,
     ExportedDevice,
@@ -80,6 +82,7 @@ class ServerGateway:
         )
         self.authorizer: Authorizer = authorizer or AllowAll()
         self.sessions: dict[int, Session] = {}
+        self.metrics = GatewayMetrics.for_server(config)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[TunedListener] = []
@@ -91,8 +94,12 @@ class ServerGateway:
                 local_name(listener),
                 self.config.upstream,
             )
-        task_status.started(listeners)
-        await trio.serve_listeners(self.handle, listeners)
+        async with trio.open_nursery() as nursery:
+            if self.config.metrics.listen is not None:
+                await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
+            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            self.metrics.listening = True
+            task_status.started(listeners)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         address = peer_name(stream)
@@ -100,16 +107,20 @@ class ServerGateway:
         try:
             await handshake(tls_stream, self.config.handshake_timeout)
         except HandshakeFailed as exc:
+            self.metrics.handshake_failed(exc.reason)
             log.warning("TLS handshake from %s failed: %s", address, exc)
             await trio.aclose_forcefully(tls_stream)
             return
+        self.metrics.handshake_succeeded()
         identity = peer_identity(tls_stream)
         session = Session("server", str(identity), address, time.time())
         self.sessions[session.id] = session
+        self.metrics.session_started(session)
         try:
             await self._serve_session(tls_stream, identity, session)
         finally:
             del self.sessions[session.id]
+            self.metrics.session_ended(session)
             log_session_end(log, session)
 
     async def _serve_session(
@@ -198,11 +209,14 @@ class ServerGateway:
     async def _connect_upstream(self, session: Session) -> trio.SocketStream | None:
         up = self.config.upstream
         try:
-            return await open_tcp(up.host, up.port, connect_timeout=self.config.connect_timeout)
+            stream = await open_tcp(up.host, up.port, connect_timeout=self.config.connect_timeout)
         except (OSError, trio.TooSlowError) as exc:
+            self.metrics.upstream_connect_failed()
             session.outcome = f"usbipd at {up} unreachable: {exc or 'timeout'}"
             log.error("cannot reach usbipd at %s: %s", up, exc or "timeout")
             return None
+        self.metrics.upstream_connected()
+        return stream
 
     async def _refuse(
         self, client: trio.abc.Stream, splice: Splice, reply: OpReplyImport | OpReplyDevlist

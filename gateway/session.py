@@ -1,17 +1,20 @@
 """What a relay knows about one session: who, which device, how much, how it ended.
 
-Pure bookkeeping: the relay passes the clock readings in.
+Pure bookkeeping: the relay passes the clock readings in. With metrics on, a
+`SessionMeter` also records each URB's round-trip time, transfer type, direction and
+result; `observe` is the relay's per-frame path, so it does no more than that.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.protocol import (
     CmdSubmit,
     Frame,
+    OpReplyDevlist,
     OpReplyImport,
     OpRequestDevlist,
     OpRequestImport,
@@ -19,6 +22,9 @@ from gateway.protocol import (
     RetUnlink,
     Role,
 )
+
+if TYPE_CHECKING:
+    from gateway.observability.series import SessionMeter
 
 _ids = itertools.count(1)
 
@@ -39,6 +45,8 @@ class Session:
     urbs_failed: int = 0
     urbs_unlinked: int = 0
     outcome: str = "open"
+    op_status: int | None = None  # the op reply's status, once one went through
+    meter: SessionMeter | None = None  # URB metrics; None when they are off
 
     def observe(self, sender: Role, frame: Frame, now: float) -> None:
         """Account one frame; `now` is a monotonic clock reading."""
@@ -61,10 +69,25 @@ class Session:
                 self.urbs_completed += 1
                 if event.status != 0:  # type: ignore[union-attr]
                     self.urbs_failed += 1
+                if self.meter is not None and frame.urb is not None:
+                    self.meter.completed(frame.urb, event, now)  # type: ignore[arg-type]
             elif kind is RetUnlink and frame.urb is not None:
                 self.urbs_unlinked += 1
-            elif kind is OpReplyImport and event.status != 0:  # type: ignore[union-attr]
-                self.outcome = f"import refused by usbipd (status {event.status})"  # type: ignore[union-attr]
+                if self.meter is not None:
+                    self.meter.unlinked(frame.urb)
+            elif kind is OpReplyImport:
+                self.op_status = event.status  # type: ignore[union-attr]
+                if event.status != 0:  # type: ignore[union-attr]
+                    self.outcome = f"import refused by usbipd (status {event.status})"  # type: ignore[union-attr]
+                elif self.meter is not None:
+                    self.meter.imported(self.busid, event.device)  # type: ignore[union-attr]
+            elif kind is OpReplyDevlist:
+                self.op_status = event.status  # type: ignore[union-attr]
+
+    @property
+    def urbs_in_flight(self) -> int:
+        """Submitted and not yet answered by a RET_SUBMIT or a RET_UNLINK."""
+        return self.urbs_submitted - self.urbs_completed - self.urbs_unlinked
 
     @property
     def ended_normally(self) -> bool:
