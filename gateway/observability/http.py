@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway.config import Address
 
@@ -26,6 +26,8 @@ MAX_HEAD = 8 * 1024  # request line and headers
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
+LINGER_TIMEOUT = 1.0  # after the response: at most this long ...
+LINGER_BYTES = 64 * 1024  # ... reading at most this much of what the client still sends
 
 _REASONS = {
     200: "OK",
@@ -87,7 +89,7 @@ async def respond(metrics: GatewayMetrics, method: str, target: str) -> tuple[in
     path = target.split("?", 1)[0]
     if path == "/metrics":
         await metrics.check_upstream()  # keeps usbip_gateway_upstream_up current
-        return 200, CONTENT_TYPE_LATEST, metrics.exposition()
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, metrics.exposition()
     if path == "/healthz":
         return 200, _TEXT, b"ok\n"
     if path == "/readyz":
@@ -110,10 +112,21 @@ async def _handle(
             return
         try:
             await _exchange(metrics, stream)
+            await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
         finally:
             slots.release()
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Read what the client still sends before closing, so that closing with unread
+    data does not reset the connection before the client has read the response."""
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_TIMEOUT):
+        drained = 0
+        while drained < LINGER_BYTES and (chunk := await stream.receive_some(MAX_HEAD)):
+            drained += len(chunk)
 
 
 async def _exchange(metrics: GatewayMetrics, stream: trio.SocketStream) -> None:

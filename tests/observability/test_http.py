@@ -1,0 +1,195 @@
+"""The metrics and health endpoint, over real loopback sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from gateway.client import ClientGateway
+from gateway.config import Address, ClientConfig, MetricsSettings
+from gateway.observability import http
+from gateway.observability.http import serve_http
+from gateway.observability.metrics import GatewayMetrics, UpstreamCheck
+
+from ..pki import PKI
+
+LOOPBACK = "127.0.0.1"
+
+
+async def request(address: Address, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    async with stream:
+        await stream.send_all(raw)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split(" ")[1]), headers, body
+
+
+async def get(
+    address: Address, path: str, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    return await request(address, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+def closed_port() -> Address:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return Address(LOOPBACK, sock.getsockname()[1])
+
+
+async def start(nursery: trio.Nursery, metrics: GatewayMetrics) -> Address:
+    await nursery.start(serve_http, metrics, Address(LOOPBACK, 0))
+    return metrics.http_addresses[0]
+
+
+async def test_client_gateway_serves_its_endpoint_when_configured(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    config = ClientConfig(
+        tls=pki.client_tls(),
+        server=closed_port(),
+        server_name="localhost",
+        listen=(Address(LOOPBACK, 0),),
+        metrics=MetricsSettings(listen=Address(LOOPBACK, 0)),
+    )
+    gateway = ClientGateway(config)
+    listeners = await nursery.start(gateway.serve)
+    address = gateway.metrics.http_addresses[0]
+    status, _, body = await get(address, "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    assert (await get(address, "/readyz"))[0] == 200
+
+    # A usbip client whose server gateway is unreachable: counted, and its session listed
+    # while it lasts.
+    port = listeners[0].socket.getsockname()[1]
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    assert await stream.receive_some(10) == b""  # closed once the connect failed
+    await stream.aclose()
+    status, headers, body = await get(address, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    assert 'usbip_gateway_build_info{device_label="none"' in text
+    assert 'usbip_gateway_upstream_connect_failures_total{role="client"} 1.0' in text
+    assert 'usbip_gateway_sessions_total{outcome="upstream_unreachable",role="client"} 1.0' in text
+    status, headers, body = await get(address, "/status")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["role"] == "client"
+
+
+async def test_status_lists_sessions_with_percentiles(nursery: trio.Nursery) -> None:
+    from .helpers import Wire  # noqa: PLC0415
+
+    metrics = GatewayMetrics("server")
+    wire = Wire(metrics)
+    wire.import_device()
+    for i in range(100):
+        seq = wire.seqnum()
+        wire.submit(seq, 1, 1, 512, now=float(i))  # type: ignore[arg-type]
+        wire.complete(seq, now=i + (0.001 if i < 98 else 0.1), data=bytes(512))
+    wire.submit(wire.seqnum(), 1, 1, 512, now=200.0)  # type: ignore[arg-type]
+    address = await start(nursery, metrics)
+    status, _, body = await get(address, "/status")
+    assert status == 200
+    (session,) = json.loads(body)["sessions"]
+    assert session["identity"] == "spiffe://test/client"
+    assert session["busid"] == "1-1.4"
+    assert session["request"] == "import"
+    assert session["urbs"] == 102
+    assert session["in_flight"] == 1
+    assert session["rtt_samples"] == 101
+    assert session["rtt_p50_seconds"] == pytest.approx(0.001, rel=0.2)
+    assert session["rtt_p99_seconds"] == pytest.approx(0.1, rel=0.2)
+    assert session["bytes_from_server"] > 100 * 512
+
+
+async def test_readiness_follows_usbipd(nursery: trio.Nursery) -> None:
+    listener = trio.socket.socket()
+    await listener.bind((LOOPBACK, 0))
+    listener.listen()
+    usbipd = Address(LOOPBACK, listener.getsockname()[1])
+    metrics = GatewayMetrics("server", MetricsSettings(upstream_check_interval=30), upstream=usbipd)
+    address = await start(nursery, metrics)
+    status, _, body = await get(address, "/readyz")
+    assert (status, body) == (503, b"not listening yet\n")
+    metrics.listening = True
+    assert (await get(address, "/readyz"))[0] == 200
+    assert metrics.registry.get_sample_value("usbip_gateway_upstream_up", {"role": "server"}) == 1
+    listener.close()
+    # Reused until the interval passes; a failed connection upstream updates it at once.
+    assert (await get(address, "/readyz"))[0] == 200
+    metrics.upstream = UpstreamCheck(closed_port(), 30, 1.0)
+    status, _, body = await get(address, "/readyz")
+    assert status == 503
+    assert b"unreachable" in body
+    assert metrics.registry.get_sample_value("usbip_gateway_upstream_up", {"role": "server"}) == 0
+    _, _, text = await get(address, "/metrics")
+    assert b'usbip_gateway_upstream_up{role="server"} 0.0' in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /nothing HTTP/1.1\r\n\r\n", 404),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"GET /metrics\r\n\r\n", 400),
+        (b"\xff\xfe / HTTP/1.1\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+    ids=["unknown-path", "post", "http-0.9", "not-ascii", "head-too-large"],
+)
+async def test_bad_requests(nursery: trio.Nursery, raw: bytes, status: int) -> None:
+    address = await start(nursery, GatewayMetrics("client"))
+    try:
+        got = (await request(address, raw))[0]
+    except trio.BrokenResourceError:
+        pytest.fail("the server should answer before closing")
+    assert got == status
+
+
+async def test_head_has_no_body(nursery: trio.Nursery) -> None:
+    address = await start(nursery, GatewayMetrics("client"))
+    status, headers, body = await get(address, "/healthz", method="HEAD")
+    assert (status, headers["content-length"], body) == (200, "3", b"")
+
+
+async def test_a_silent_client_times_out(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    address = await start(nursery, GatewayMetrics("client"))
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+        with trio.fail_after(http.READ_TIMEOUT * 2):
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_connections_past_the_limit_are_closed(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 1)
+    address = await start(nursery, GatewayMetrics("client"))
+    first = await trio.open_tcp_stream(address.host, address.port)
+    await first.send_all(b"GET /healthz HTTP/1.1\r\n")  # holds the only slot
+    second = await trio.open_tcp_stream(address.host, address.port)
+    await second.send_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+    with contextlib.suppress(trio.BrokenResourceError):  # a reset or a FIN: closed either way
+        assert await second.receive_some(100) == b""
+    await second.aclose()
+    await first.send_all(b"\r\n")
+    assert (await first.receive_some(100)).startswith(b"HTTP/1.1 200 ")
+    await first.aclose()
