@@ -34,6 +34,7 @@ class AuditLog:
         self._send, self._receive = trio.open_memory_channel[str](queue_size)
         self.written = 0
         self.dropped = 0
+        self.finished = trio.Event()  # set when the writer has written all and stopped
 
     @property
     def enabled(self) -> bool:
@@ -45,6 +46,8 @@ class AuditLog:
         line = json.dumps({"time": utc_now(), "event": event, **fields}, default=str)
         try:
             self._send.send_nowait(line)
+        except trio.ClosedResourceError:
+            self.dropped += 1  # after close(): the gateway is stopping
         except trio.WouldBlock:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -54,6 +57,7 @@ class AuditLog:
         """The writer task; run it in the gateway's nursery."""
         if not self.enabled:
             task_status.started()
+            self.finished.set()
             return
         stream = await trio.to_thread.run_sync(self._open)
         task_status.started()
@@ -71,6 +75,7 @@ class AuditLog:
         finally:
             if stream is not sys.stdout:
                 stream.close()
+            self.finished.set()
 
     def _open(self) -> IO[str]:
         if self.destination == "-":

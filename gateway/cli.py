@@ -19,7 +19,7 @@ from gateway.config import ClientConfig, ConfigError, ServerConfig, load
 from gateway.logs import setup_logging
 from gateway.server import ServerGateway
 from gateway.sim.cli import add_sim_parser
-from gateway.transport.tls import ReloadableContext, TLSConfigError
+from gateway.transport.tls import TLSConfigError
 
 log = logging.getLogger("gateway")
 
@@ -69,16 +69,24 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def _signals(tls: ReloadableContext, cancel: trio.CancelScope) -> None:
-    """SIGHUP: reload certificates for new connections. SIGTERM/SIGINT: stop."""
+def reload(gateway: ServerGateway | ClientGateway) -> None:
+    """What SIGHUP does: certificates and CA for new connections, and the policy."""
+    tls = gateway.tls
+    try:
+        tls.reload()
+        log.info("reloaded TLS certificates (generation %d)", tls.generation)
+    except TLSConfigError as exc:
+        log.error("TLS reload failed, keeping the previous certificates: %s", exc)
+    if isinstance(gateway, ServerGateway):
+        gateway.reload_policy()
+
+
+async def _signals(gateway: ServerGateway | ClientGateway, cancel: trio.CancelScope) -> None:
+    """SIGHUP: reload. SIGTERM/SIGINT: stop."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                try:
-                    tls.reload()
-                    log.info("reloaded TLS certificates (generation %d)", tls.generation)
-                except TLSConfigError as exc:
-                    log.error("TLS reload failed, keeping the previous certificates: %s", exc)
+                reload(gateway)
             else:
                 log.info("%s received, stopping", signal.Signals(signum).name)
                 cancel.cancel()
@@ -87,7 +95,7 @@ async def _signals(tls: ReloadableContext, cancel: trio.CancelScope) -> None:
 
 async def _run(gateway: ServerGateway | ClientGateway) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, gateway.tls, nursery.cancel_scope)
+        nursery.start_soon(_signals, gateway, nursery.cancel_scope)
         await nursery.start(gateway.serve)
 
 
@@ -101,7 +109,12 @@ def _load_or_exit(role: str, args: argparse.Namespace) -> ServerConfig | ClientC
 
 def _role_overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
     if role == "server":
-        return {"server.upstream": args.upstream, "server.request_timeout": args.request_timeout}
+        return {
+            "server.upstream": args.upstream,
+            "server.request_timeout": args.request_timeout,
+            "policy.file": args.policy,
+            "audit.path": args.audit_log,
+        }
     return {"client.server": args.server, "client.server_name": args.server_name}
 
 
@@ -139,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common_flags(server)
     server.add_argument("--upstream", metavar="HOST:PORT", help="usbipd (default 127.0.0.1:3240)")
     server.add_argument("--request-timeout", type=float, metavar="SECONDS")
+    server.add_argument("--policy", metavar="FILE", help="access policy (docs/policy.md)")
+    server.add_argument("--audit-log", metavar="FILE", help='JSON-lines audit log, "-" for stdout')
     server.set_defaults(func=_cmd_gateway)
 
     client = sub.add_parser(

@@ -93,6 +93,22 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """Who may list and import what (docs/policy.md). No file: every client may."""
+
+    file: Path | None = None
+    watch: bool = True  # reload when the file changes, as well as on SIGHUP
+    watch_interval: float = 2.0
+    revoke_on_reload: bool = True  # close attached sessions the new policy denies
+    sysfs: Path | None = Path("/sys/bus/usb/devices")  # serial/manufacturer/product
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    path: str | None = None  # a file (appended to), "-" for stdout, unset for none
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """URB metrics and the HTTP endpoint (/metrics, /healthz, /readyz, /status)."""
 
@@ -116,6 +132,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +285,26 @@ def _log(table: _Table) -> LogSettings:
     return log
 
 
+def _policy(table: _Table, base: Path) -> PolicySettings:
+    d = PolicySettings()
+    sysfs = table.raw("sysfs")
+    settings = PolicySettings(
+        file=table.path("file", base) if table.has("file") else None,
+        watch=table.boolean("watch", d.watch),
+        watch_interval=table.number("watch_interval", d.watch_interval),
+        revoke_on_reload=table.boolean("revoke_on_reload", d.revoke_on_reload),
+        sysfs=d.sysfs if sysfs is None else (None if sysfs == "" else Path(table.string("sysfs"))),
+    )
+    table.done()
+    return settings
+
+
+def _audit(table: _Table) -> AuditSettings:
+    settings = AuditSettings(path=table.string("path") if table.has("path") else None)
+    table.done()
+    return settings
+
+
 def _metrics(table: _Table) -> MetricsSettings:
     d = MetricsSettings()
     metrics = MetricsSettings(
@@ -323,6 +361,8 @@ def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConf
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
         metrics=_metrics(top.table("metrics")),
+        policy=_policy(top.table("policy"), base),
+        audit=_audit(top.table("audit")),
     )
     section.done()
     top.done()

@@ -1,30 +1,34 @@
 """The server gateway: mutual TLS in, the kernel's usbipd on loopback out.
 
-Per connection: handshake (bounded), the client's identity from its certificate, the
-op request read and judged before usbipd is contacted, then one usbipd connection
-relayed frame by frame.
+Per connection: handshake (bounded), the client's identity from its certificate, the op
+request read and judged by the policy before usbipd hears of it, then one usbipd
+connection relayed frame by frame. An IMPORT reply is checked against what was decided
+before it is forwarded, and attached sessions are judged again when the policy reloads.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from contextlib import suppress
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
+from gateway.access import AccessControl, PolicyFile, Verdict, rule_summary
+from gateway.audit import AuditLog
 from gateway.config import ServerConfig
+from gateway.facts import NoStrings, StringSource, SysfsStrings
 from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
+from gateway.policy import DeviceFacts, Target
 from gateway.protocol import (
     ConnectionClosed,
     ExportedDevice,
     Frame,
     OpReplyDevlist,
     OpReplyImport,
-    OpRequestDevlist,
     OpRequestImport,
     OpStatus,
     ProtocolError,
@@ -42,30 +46,26 @@ from gateway.transport.tls import (
     handshake,
     peer_identity,
 )
+from gateway.usbip_client import list_devices
 
 log = logging.getLogger("gateway.server")
 
-
-class Authorizer(Protocol):
-    """Who may see and import what. The default allows everything."""
-
-    def import_refusal(self, identity: PeerIdentity, busid: str) -> OpStatus | None:
-        """None to allow; else the status to answer with (usbipd is not contacted)."""
-
-    def visible(
-        self, identity: PeerIdentity, devices: Sequence[ExportedDevice]
-    ) -> tuple[ExportedDevice, ...]:
-        """The DEVLIST entries this client may see."""
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class AllowAll:
-    def import_refusal(self, identity: PeerIdentity, busid: str) -> OpStatus | None:
-        return None
+class UpstreamUnreachable(Exception):
+    pass
 
-    def visible(
-        self, identity: PeerIdentity, devices: Sequence[ExportedDevice]
-    ) -> tuple[ExportedDevice, ...]:
-        return tuple(devices)
+
+@dataclass(eq=False)
+class Attached:
+    """An imported device in use: what the policy is asked again on reload."""
+
+    session: Session
+    identity: PeerIdentity
+    device: DeviceFacts
+    scope: trio.CancelScope
+    revoked: str = ""
 
 
 class ServerGateway:
@@ -74,32 +74,81 @@ class ServerGateway:
         config: ServerConfig,
         *,
         tls: ReloadableContext | None = None,
-        authorizer: Authorizer | None = None,
+        strings: StringSource | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
         self.tls = tls or ReloadableContext.server(
             config.tls.cert, config.tls.key, config.tls.ca, min_version=config.tls.version
         )
-        self.authorizer: Authorizer = authorizer or AllowAll()
+        if strings is None:
+            sysfs = config.policy.sysfs
+            strings = SysfsStrings(sysfs) if sysfs is not None else NoStrings()
+        self.audit = audit or AuditLog(config.audit.path)
+        self.access = AccessControl(
+            PolicyFile(config.policy.file), strings, self.audit, self._list_upstream
+        )
         self.sessions: dict[int, Session] = {}
+        self.attached: dict[int, Attached] = {}
+        self._idle = trio.Event()
+        self._idle.set()
         self.metrics = GatewayMetrics.for_server(config)
+        if config.policy.file is None:
+            log.warning(
+                "no policy file: every client with a valid certificate may list and "
+                "import every device"
+            )
+
+    # -- lifecycle
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[TunedListener] = []
         for address in self.config.listen:
             listeners.extend(await open_tcp_listeners(address.host, address.port))
-        for listener in listeners:
-            log.info(
-                "listening on %s (mutual TLS), usbipd at %s",
-                local_name(listener),
-                self.config.upstream,
-            )
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.audit.run)
             if self.config.metrics.listen is not None:
                 await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
+            if self.config.policy.file is not None and self.config.policy.watch:
+                nursery.start_soon(self._watch_policy)
             await nursery.start(trio.serve_listeners, self.handle, listeners)
             self.metrics.listening = True
+            for listener in listeners:
+                log.info(
+                    "listening on %s (mutual TLS), usbipd at %s",
+                    local_name(listener),
+                    self.config.upstream,
+                )
             task_status.started(listeners)
+
+    def reload_policy(self) -> bool:
+        """Reload the policy file; judge attached sessions again. False: old one kept."""
+        if not self.access.policy.reload():
+            return False
+        for attached in list(self.attached.values()):
+            decision = self.access.recheck(attached.identity, attached.device)
+            if decision.target is Target.ALLOW:
+                continue
+            why = f"access revoked by policy reload ({rule_summary(decision)})"
+            if self.config.policy.revoke_on_reload:
+                log.warning("closing session %d: %s", attached.session.id, why)
+                attached.revoked = why
+                attached.scope.cancel()
+            else:
+                log.warning(
+                    "session %d now denied, left open (revoke_on_reload off): %s",
+                    attached.session.id,
+                    why,
+                )
+        return True
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await trio.sleep(self.config.policy.watch_interval)
+            if self.access.policy.changed_on_disk():
+                self.reload_policy()
+
+    # -- one connection
 
     async def handle(self, stream: trio.SocketStream) -> None:
         address = peer_name(stream)
@@ -114,14 +163,40 @@ class ServerGateway:
         self.metrics.handshake_succeeded()
         identity = peer_identity(tls_stream)
         session = Session("server", str(identity), address, time.time())
-        self.sessions[session.id] = session
+        self._add(session)
         self.metrics.session_started(session)
         try:
             await self._serve_session(tls_stream, identity, session)
         finally:
-            del self.sessions[session.id]
             self.metrics.session_ended(session)
             log_session_end(log, session)
+            self.audit.record(
+                "session_end",
+                client=identity.as_dict(),
+                address=address,
+                request=session.request,
+                device={"busid": session.busid},
+                outcome=session.outcome,
+                urbs=session.urbs_submitted,
+                bytes_from_client=session.bytes_from_client,
+                bytes_from_server=session.bytes_from_server,
+                duration_seconds=round(time.time() - session.started, 3),
+            )
+            self._remove(session)
+
+    def _add(self, session: Session) -> None:
+        if not self.sessions:
+            self._idle = trio.Event()
+        self.sessions[session.id] = session
+
+    def _remove(self, session: Session) -> None:
+        del self.sessions[session.id]
+        if not self.sessions:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no session is open (each one logged and audited)."""
+        await self._idle.wait()
 
     async def _serve_session(
         self, client: trio.SSLStream[trio.SocketStream], identity: PeerIdentity, session: Session
@@ -134,93 +209,189 @@ class ServerGateway:
             session.outcome = f"no request within {self.config.request_timeout:g}s"
         except ProtocolError as exc:
             session.outcome = f"protocol error from client: {exc}"
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except _LOST:
             session.outcome = "connection lost before the request"
         else:
             if isinstance(request, ConnectionClosed):
                 session.outcome = "closed by client before a request"
             else:
                 session.observe(Role.CLIENT, request, trio.current_time())
-                await self._answer(client, identity, session, splice, request)
+                if isinstance(request.event, OpRequestImport):
+                    await self._import(client, identity, session, splice, request)
+                else:
+                    await self._devlist(client, identity, session, splice, request)
                 return
         await close_all(client)
 
-    async def _answer(
+    async def _devlist(
         self,
-        client: trio.SSLStream[trio.SocketStream],
+        client: trio.abc.Stream,
         identity: PeerIdentity,
         session: Session,
         splice: Splice,
         request: Frame,
     ) -> None:
-        event = request.event
-        if isinstance(event, OpRequestImport):
-            status = self.authorizer.import_refusal(identity, event.busid)
-            if status is not None:
-                session.outcome = f"import refused by policy (status {status.name})"
-                await self._refuse(client, splice, OpReplyImport(status))
-                return
         upstream = await self._connect_upstream(session)
         if upstream is None:
-            refusal = (
-                OpReplyImport(OpStatus.ERROR)
-                if isinstance(event, OpRequestImport)
-                else OpReplyDevlist(status=OpStatus.ERROR)
-            )
-            await self._refuse(client, splice, refusal)
+            await self._refuse(client, splice, OpReplyDevlist(status=OpStatus.ERROR))
             return
         try:
             await upstream.send_all(request.raw)
-            if isinstance(event, OpRequestDevlist):
-                await self._devlist(client, upstream, identity, session, splice)
-            else:
-                await relay(splice, client, upstream, session)
+            with trio.fail_after(self.config.request_timeout):
+                reply = await receive_frame(splice, Role.SERVER, upstream)
+            if isinstance(reply, ConnectionClosed):
+                session.outcome = "usbipd closed without a DEVLIST reply"
+                return
+            session.observe(Role.SERVER, reply, trio.current_time())
+            assert isinstance(reply.event, OpReplyDevlist)
+            devices = reply.event.devices
+            shown = self.access.visible(identity, session.address, devices)
+            data = reply.raw if shown == devices else splice.replace(reply, OpReplyDevlist(shown))
+            await client.send_all(data)
+            session.outcome = f"listed {len(shown)} of {len(devices)} devices"
         except ProtocolError as exc:
             session.outcome = f"protocol error from usbipd: {exc}"
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except trio.TooSlowError:
+            session.outcome = "usbipd did not answer the DEVLIST request"
+        except _LOST as exc:
             session.outcome = f"connection lost: {exc}"
         finally:
             await close_all(client, upstream)
 
-    async def _devlist(
+    async def _import(
         self,
+        client: trio.abc.Stream,
+        identity: PeerIdentity,
+        session: Session,
+        splice: Splice,
+        request: Frame,
+    ) -> None:
+        busid = session.busid
+        try:
+            verdict = await self.access.judge_import(identity, session.address, busid)
+        except UpstreamUnreachable:
+            await self._refuse(client, splice, OpReplyImport(OpStatus.ERROR))
+            session.outcome = "usbipd unreachable while looking up the device"
+            return
+        if not verdict.allowed:
+            session.outcome = (
+                f"import {verdict.decision.target.name.lower()}ed by policy "
+                f"({rule_summary(verdict.decision)})"
+            )
+            await self._refuse(client, splice, OpReplyImport(verdict.refusal))
+            return
+        upstream = await self._connect_upstream(session)
+        if upstream is None:
+            await self._refuse(client, splice, OpReplyImport(OpStatus.ERROR))
+            return
+        try:
+            await upstream.send_all(request.raw)
+            with trio.fail_after(self.config.request_timeout):
+                reply = await receive_frame(splice, Role.SERVER, upstream)
+            if isinstance(reply, ConnectionClosed):
+                session.outcome = "usbipd closed without an IMPORT reply"
+                return
+            session.observe(Role.SERVER, reply, trio.current_time())
+            assert isinstance(reply.event, OpReplyImport)
+            device = reply.event.device
+            if device is None:
+                await client.send_all(reply.raw)
+                return
+            facts = self._confirm(verdict, identity, device.busid, reply)
+            if facts is None:
+                session.outcome = "device changed between decision and import; now denied"
+                return  # closing usbipd's socket frees the device
+            await client.send_all(reply.raw)
+            await self._attached_relay(
+                client=client,
+                upstream=upstream,
+                identity=identity,
+                session=session,
+                splice=splice,
+                facts=facts,
+            )
+        except ProtocolError as exc:
+            session.outcome = f"protocol error from usbipd: {exc}"
+        except trio.TooSlowError:
+            session.outcome = "usbipd did not answer the IMPORT request"
+        except _LOST as exc:
+            session.outcome = f"connection lost: {exc}"
+        finally:
+            await close_all(client, upstream)
+
+    def _confirm(
+        self, verdict: Verdict, identity: PeerIdentity, busid: str, reply: Frame
+    ) -> DeviceFacts | None:
+        """The facts of the device usbipd actually handed over, if still allowed."""
+        assert isinstance(reply.event, OpReplyImport)
+        assert reply.event.device is not None
+        info = reply.event.device
+        decided = verdict.device
+        if decided is not None and (decided.vendor_id, decided.product_id, decided.busid) == (
+            info.id_vendor,
+            info.id_product,
+            info.busid,
+        ):
+            return decided
+        facts = self.access.imported_facts(info)
+        if decided is None and verdict.allowed:
+            # Allowed without looking at the device (e.g. by client and bus id alone).
+            return facts
+        decision = self.access.recheck(identity, facts)
+        return facts if decision.target is Target.ALLOW else None
+
+    async def _attached_relay(
+        self,
+        *,
         client: trio.abc.Stream,
         upstream: trio.abc.Stream,
         identity: PeerIdentity,
         session: Session,
         splice: Splice,
+        facts: DeviceFacts,
     ) -> None:
-        with trio.fail_after(self.config.request_timeout):
-            reply = await receive_frame(splice, Role.SERVER, upstream)
-        if isinstance(reply, ConnectionClosed):
-            session.outcome = "usbipd closed without a DEVLIST reply"
-            return
-        session.observe(Role.SERVER, reply, trio.current_time())
-        assert isinstance(reply.event, OpReplyDevlist)
-        shown = self.authorizer.visible(identity, reply.event.devices)
-        data = (
-            reply.raw
-            if len(shown) == len(reply.event.devices)
-            else splice.replace(reply, OpReplyDevlist(shown))
-        )
-        await client.send_all(data)
-        session.outcome = f"listed {len(shown)} of {len(reply.event.devices)} devices"
+        with trio.CancelScope() as scope:
+            attached = Attached(session, identity, facts, scope)
+            self.attached[session.id] = attached
+            try:
+                await relay(splice, client, upstream, session)
+            finally:
+                del self.attached[session.id]
+        if attached.revoked:
+            session.outcome = attached.revoked
 
-    async def _connect_upstream(self, session: Session) -> trio.SocketStream | None:
+    # -- usbipd
+
+    async def _open_upstream(self) -> trio.SocketStream:
         up = self.config.upstream
         try:
             stream = await open_tcp(up.host, up.port, connect_timeout=self.config.connect_timeout)
-        except (OSError, trio.TooSlowError) as exc:
+        except (OSError, trio.TooSlowError):
             self.metrics.upstream_connect_failed()
-            session.outcome = f"usbipd at {up} unreachable: {exc or 'timeout'}"
-            log.error("cannot reach usbipd at %s: %s", up, exc or "timeout")
-            return None
+            raise
         self.metrics.upstream_connected()
         return stream
+
+    async def _connect_upstream(self, session: Session) -> trio.SocketStream | None:
+        try:
+            return await self._open_upstream()
+        except OSError as exc:
+            session.outcome = f"usbipd at {self.config.upstream} unreachable: {exc}"
+            log.error("cannot reach usbipd at %s: %s", self.config.upstream, exc)
+            return None
+
+    async def _list_upstream(self) -> tuple[ExportedDevice, ...]:
+        """The gateway's own DEVLIST query, to learn a device's facts before an IMPORT."""
+        try:
+            with trio.fail_after(self.config.request_timeout):
+                return await list_devices(await self._open_upstream(), self.config.limits)
+        except (OSError, ConnectionError, ProtocolError, trio.TooSlowError, *_LOST) as exc:
+            log.error("cannot list usbipd's devices at %s: %s", self.config.upstream, exc)
+            raise UpstreamUnreachable(str(exc)) from exc
 
     async def _refuse(
         self, client: trio.abc.Stream, splice: Splice, reply: OpReplyImport | OpReplyDevlist
     ) -> None:
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with suppress(*_LOST):
             await client.send_all(splice.inject(Role.SERVER, reply))
         await close_all(client)

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from gateway.certificates import Issued, issue_client_cert, write_issued
 from gateway.config import Address, ClientConfig, ServerConfig, TLSSettings
 
 LOOPBACK = "127.0.0.1"
@@ -66,3 +69,17 @@ def client_config(pki: PKI, server: Address, **kw: object) -> ClientConfig:
         listen=(Address(LOOPBACK, 0),),
         **kw,  # type: ignore[arg-type]
     )
+
+
+def issue_client(
+    pki: PKI, directory: Path, name: str, *, uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()
+) -> TLSSettings:
+    """A client certificate with SAN URIs (trustme makes none), signed by the test CA."""
+    ca = Issued(
+        x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes()),
+        serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), None),  # type: ignore[arg-type]
+    )
+    leaf = issue_client_cert(ca, common_name=name, uris=list(uris), dns_names=list(dns))
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    write_issued(leaf, cert, key, force=True)
+    return TLSSettings(cert, key, pki.ca_pem)
