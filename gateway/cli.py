@@ -17,6 +17,8 @@ from gateway.certificates import add_certs_parser
 from gateway.client import ClientGateway
 from gateway.config import ClientConfig, ConfigError, ServerConfig, load
 from gateway.logs import setup_logging
+from gateway.policy import PolicyError
+from gateway.policy.cli import add_policy_parser
 from gateway.server import ServerGateway
 from gateway.sim.cli import add_sim_parser
 from gateway.transport.tls import TLSConfigError
@@ -127,7 +129,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         gateway = (
             ServerGateway(config) if isinstance(config, ServerConfig) else ClientGateway(config)
         )
-    except TLSConfigError as exc:
+    except (TLSConfigError, PolicyError) as exc:
+        print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the policy file cannot be read
         print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
         return 2
     try:
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.set_defaults(func=_cmd_gateway)
 
     add_certs_parser(sub)
+    add_policy_parser(sub)
     add_sim_parser(sub)
     from gateway.demo import add_demo_parser  # noqa: PLC0415 - the demo pulls in everything
 

@@ -163,3 +163,22 @@ def test_demo_check_runs_the_whole_path(tmp_path: Path) -> None:
 def test_op_status_names_match_the_tools() -> None:
     # `usbip attach` prints these names; keep ours aligned with usbip_network.h.
     assert [s.name for s in OpStatus] == ["OK", "NA", "DEV_BUSY", "DEV_ERR", "NODEV", "ERROR"]
+
+
+def test_a_broken_policy_stops_the_server_at_start(
+    pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "policy.rules"
+    rules.write_text("allow id 0525\n")
+    tls = ["--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca_pem)]
+    code = main(["server", "--listen", "127.0.0.1:0", "--policy", str(rules), *tls])
+    assert code == 2
+    assert f"{rules}:1:10: expected VID:PID after 'id'" in capsys.readouterr().err
+
+
+def test_policy_commands_are_wired(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "policy.rules"
+    rules.write_text('allow id 0525:a4a0 client-cn "alice"\n')
+    assert main(["policy", "check", str(rules)]) == 0
+    assert main(["policy", "explain", str(rules), "--client", "cn:alice", "--id", "0525:a4a0"]) == 0
+    assert "decision: allow" in capsys.readouterr().out
