@@ -64,7 +64,8 @@ async def start_stack(
     sim: SimServer = await nursery.start(partial(serve_sim, devices, host=LOOPBACK, port=0))
     sim_address = Address(*sim.addresses[0])
     server = ServerGateway(
-        ServerConfig(tls=server_tls, listen=(ANY_LOOPBACK_PORT,), upstream=sim_address)
+        ServerConfig(tls=server_tls, listen=(ANY_LOOPBACK_PORT,), upstream=sim_address),
+        strings=sim,
     )
     server_address = _bound(await nursery.start(server.serve))
     client = ClientGateway(

@@ -182,3 +182,33 @@ def test_policy_commands_are_wired(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["policy", "check", str(rules)]) == 0
     assert main(["policy", "explain", str(rules), "--client", "cn:alice", "--id", "0525:a4a0"]) == 0
     assert "decision: allow" in capsys.readouterr().out
+
+
+def test_policy_on_serials_published_by_the_sim(
+    pki: PKI, tmp_path: Path, processes: list[Process]
+) -> None:
+    sysfs = tmp_path / "sysfs"
+    _, sim_port = _start(processes, "sim", "--listen", "127.0.0.1:0", "--sysfs", str(sysfs))
+    rules = tmp_path / "policy.rules"
+    rules.write_text('allow serial "SIM-LB-0001"\ndefault reject\n')
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\nupstream = "127.0.0.1:{sim_port}"\n'
+        f'[policy]\nfile = "{rules}"\nsysfs = "{sysfs}"\n'
+        f'[tls]\ncert = "{pki.server_cert}"\nkey = "{pki.server_key}"\nca = "{pki.ca_pem}"\n'
+    )
+    _, server_port = _start(processes, "server", "--config", str(server_toml))
+    _, client_port = _start(
+        processes,
+        "client",
+        "--listen", "127.0.0.1:0",
+        "--server", f"127.0.0.1:{server_port}",
+        "--server-name", "localhost",
+        "--cert", str(pki.client_cert),
+        "--key", str(pki.client_key),
+        "--ca", str(pki.ca_pem),
+    )  # fmt: skip
+    listing = _usbip_list(client_port)
+    assert "1-2:" in listing  # the loopback device, serial SIM-LB-0001
+    assert "1-1:" not in listing
+    assert "1-3:" not in listing

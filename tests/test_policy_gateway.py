@@ -13,7 +13,6 @@ import trio
 
 from gateway.client import ClientGateway
 from gateway.config import Address, AuditSettings, PolicySettings, TLSSettings
-from gateway.facts import DeviceStrings
 from gateway.protocol import Direction, OpStatus
 from gateway.server import ServerGateway
 from gateway.sim.server import SimServer, serve_sim
@@ -31,19 +30,6 @@ allow with-interface 03:01:01 client-cn "bob"
 default reject
 """
 REVOKE_ALICE = POLICY.replace('allow id 0525:a4a0 busid "1-1"', 'block id 0525:a4a0 busid "1-1"')
-
-
-class SimStrings:
-    """The simulator's own strings, as sysfs would give them for real devices."""
-
-    def __init__(self, sim: SimServer) -> None:
-        self.sim = sim
-
-    def strings(self, busid: str) -> DeviceStrings:
-        device = self.sim.devices.get(busid)
-        if device is None:
-            return DeviceStrings()
-        return DeviceStrings(device.serial, device.manufacturer, device.product)
 
 
 @dataclass
@@ -75,7 +61,7 @@ async def lab(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Lab:
         policy=PolicySettings(file=policy, watch=False),
         audit=AuditSettings(path=str(audit)),
     )
-    server = ServerGateway(config, strings=SimStrings(sim))
+    server = ServerGateway(config, strings=sim)
     listeners = await nursery.start(server.serve)
     server_address = Address(*listeners[0].socket.getsockname()[:2])
     alice = issue_client(pki, tmp_path, "alice", uris=("spiffe://lab.test/alice",))

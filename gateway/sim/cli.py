@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -60,6 +61,13 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=int(Pattern.ZEROS),
         help="source/sink data pattern: 0 zeros, 1 mod 63 (as usbtest's), 2 unchecked",
     )
+    parser.add_argument(
+        "--sysfs",
+        type=Path,
+        metavar="DIR",
+        help="publish the devices' serial/manufacturer/product strings here in sysfs's "
+        "layout (DIR/BUSID/serial ...), for a server gateway's policy.sysfs",
+    )
     parser.set_defaults(func=run_sim)
     return parser
 
@@ -67,6 +75,8 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_sim(args: argparse.Namespace) -> int:
     names = DEVICE_NAMES if "all" in args.devices else tuple(args.devices)
     server = SimServer(make_devices(names, pattern=args.pattern))
+    if args.sysfs is not None:
+        server.publish_sysfs(args.sysfs)
     host, port = args.listen
     failed = False
     try:

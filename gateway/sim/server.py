@@ -13,9 +13,11 @@ import math
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
+from ..facts import DeviceStrings, publish_sysfs
 from ..protocol import (
     DEFAULT_PORT,
     ECONNRESET,
@@ -79,6 +81,18 @@ class SimServer:
 
     def in_use(self, busid: str) -> bool:
         return busid in self._in_use
+
+    def strings(self, busid: str) -> DeviceStrings:
+        """Serial, manufacturer and product, as sysfs gives them for real devices."""
+        device = self.devices.get(busid)
+        if device is None:
+            return DeviceStrings()
+        return DeviceStrings(device.serial, device.manufacturer, device.product)
+
+    def publish_sysfs(self, root: Path) -> None:
+        """Write the devices' strings in sysfs's layout, for a gateway's `policy.sysfs`."""
+        for busid in self.devices:
+            publish_sysfs(root, busid, self.strings(busid))
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
