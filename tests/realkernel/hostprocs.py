@@ -200,7 +200,11 @@ async def make_demo_certs(directory: Path) -> Path:
 
 
 async def start_gateway_pair(
-    procs: HostProcesses, certs: Path, upstream_port: int, extra: Sequence[str] = ()
+    procs: HostProcesses,
+    certs: Path,
+    upstream_port: int,
+    extra: Sequence[str] = (),
+    server_extra: Sequence[str] = (),
 ) -> GatewayPair:
     """server gw (TLS in, upstream usbipd out) + client gw (plain in, TLS out)."""
     sport, cport = free_port(), free_port()
@@ -216,6 +220,7 @@ async def start_gateway_pair(
             "--key", str(certs / "server.key"),
             "--ca", str(certs / "ca.pem"),
             *extra,
+            *server_extra,
         ),
     )  # fmt: skip
     client = await procs.start(
@@ -232,6 +237,39 @@ async def start_gateway_pair(
         ),
     )  # fmt: skip
     return GatewayPair(certs, sport, cport, server, client)
+
+
+async def start_client_gateway(
+    procs: HostProcesses, name: str, certs: Path, identity: str, server_port: int
+) -> int:
+    """Another client gateway, with identity `identity` (certs/IDENTITY.pem), to the
+    same server gateway; returns its port."""
+    port = free_port()
+    await procs.start(
+        name,
+        gateway_argv(
+            "client",
+            "--listen", f"127.0.0.1:{port}",
+            "--server", f"127.0.0.1:{server_port}",
+            "--server-name", "localhost",
+            "--cert", str(certs / f"{identity}.pem"),
+            "--key", str(certs / f"{identity}.key"),
+            "--ca", str(certs / "ca.pem"),
+        ),
+    )  # fmt: skip
+    return port
+
+
+async def issue_client_cert(certs: Path, name: str) -> None:
+    proc = await trio.run_process(
+        gateway_argv("certs", "issue", "--dir", str(certs), "--kind", "client", "--name", name),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=str(REPO),
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"`gateway certs issue` failed: {proc.stderr.decode()}")
 
 
 async def start_sim(

@@ -19,7 +19,9 @@ from .hostprocs import (
     HostProcesses,
     check_gateway_cli,
     host_processes,
+    issue_client_cert,
     make_demo_certs,
+    start_client_gateway,
     start_gateway_pair,
     start_sim,
     usbip_list,
@@ -75,6 +77,24 @@ rk_result gw_list "$(usbip --tcp-port "$RK_CLIENT_PORT" list -r 10.0.2.2 2>&1 \
     | grep -c '(46f4:0001)')"
 rk_mark list_done
 
+# Policy: the second client identity sees the stick (blocked, so listed) but no HID
+# device (rejected), and its attach fails cleanly: an error, no vhci device.
+rk_result denied_list_stick "$(usbip --tcp-port "$RK_DENIED_PORT" list -r 10.0.2.2 2>&1 \
+    | grep -c '(46f4:0001)')"
+rk_result denied_list_hid "$(usbip --tcp-port "$RK_DENIED_PORT" list -r 10.0.2.2 2>&1 \
+    | grep -c -e '(0627:0001)')"
+before=$(rk_vhci_total)
+if usbip --tcp-port "$RK_DENIED_PORT" attach -r 10.0.2.2 -b "$busid" \
+        > /host/denied_attach.txt 2>&1; then
+    rk_result denied_attach_rc 0
+else
+    rk_result denied_attach_rc $?
+fi
+rk_result denied_attach_msg "$(head -c 200 /host/denied_attach.txt | tr '\n' ' ')"
+rk_result denied_vhci_delta "$(($(rk_vhci_total) - before))"
+rk_result denied_status "$(cat /sys/bus/usb/devices/$busid/usbip_status)"
+rk_mark denied_done
+
 # (1) storage through the gateway: write pattern A, read it back, read region B
 rk_attach "$RK_CLIENT_PORT" "$busid" || exit 1
 dev=$(rk_vhci_device 46f4 0001) || exit 1
@@ -109,6 +129,15 @@ rk_result vhci_total_end "$(rk_vhci_total)"
 """
 
 
+# The demo client may use everything; the "intruder" identity (same CA) sees the stick
+# but may not import it, and sees nothing else.
+STORAGE_POLICY = """\
+allow client-uri "spiffe://usbip-gateway.local/client/demo"
+block id 46f4:0001 client-cn "intruder"
+default reject
+"""
+
+
 async def test_gateway_storage_hid_reattach(
     gateway_cli: None, guest_image: GuestImage, tmp_path: Path, timings: Timings
 ) -> None:
@@ -124,16 +153,33 @@ async def test_gateway_storage_hid_reattach(
         files={"pattern_a.bin": stick.pattern_a},
     )
     certs = await make_demo_certs(tmp_path / "certs")
+    await issue_client_cert(certs, "intruder")
+    policy = tmp_path / "policy.rules"
+    policy.write_text(STORAGE_POLICY)
     async with host_processes(tmp_path / "logs") as procs:
         t0 = trio.current_time()
-        pair = await start_gateway_pair(procs, certs, upstream_port=guest.hostfwd_port)
+        pair = await start_gateway_pair(
+            procs, certs, upstream_port=guest.hostfwd_port, server_extra=("--policy", str(policy))
+        )
+        denied_port = await start_client_gateway(
+            procs, "gw-client-intruder", certs, "intruder", pair.server_port
+        )
         timings("gateways ready", trio.current_time() - t0)
         guest.params["RK_CLIENT_PORT"] = pair.client_port
+        guest.params["RK_DENIED_PORT"] = denied_port
         res = await guest.arun(timeout=300)
         report_problems(procs, timings)
         check_host_processes(procs, res)
     res.check()
     assert res["gw_list"] == "1", res.diagnosis()
+    # Policy: blocked stick listed but not importable, HID devices invisible, and the
+    # refused attach leaves the device free for the allowed client.
+    assert res["denied_list_stick"] == "1", res.diagnosis()
+    assert res["denied_list_hid"] == "0", res.diagnosis()
+    assert res["denied_attach_rc"] != "0", res.diagnosis()
+    assert "Request Failed" in res["denied_attach_msg"], res.diagnosis()
+    assert res["denied_vhci_delta"] == "0", res.diagnosis()
+    assert res["denied_status"] == "1", res.diagnosis()  # SDEV_ST_AVAILABLE
     # (1) storage
     assert res["gw_readback_sha256"] == stick.pattern_a_sha256, res.diagnosis()
     assert res["gw_region_b_sha256"] == stick.region_b_sha256, res.diagnosis()
@@ -151,7 +197,8 @@ async def test_gateway_storage_hid_reattach(
 
     timings("qemu wall", res.wall_seconds)
     timings("guest ready (uptime)", res.boot_seconds)
-    timings("attach storage via gw", res.elapsed("list_done", "storage_attached"))
+    timings("policy: denied list + attach", res.elapsed("list_done", "denied_done"))
+    timings("attach storage via gw", res.elapsed("denied_done", "storage_attached"))
     timings(f"write {stick.a_mb} MiB via gw", res.elapsed("gw_write_start", "gw_write_end"))
     timings(f"read {stick.a_mb} MiB via gw", res.elapsed("gw_write_end", "gw_read_a_end"))
     timings("2 HID attach+enumerate via gw", res.elapsed("gw_read_b_end", "hid_done"))
