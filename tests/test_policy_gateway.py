@@ -7,13 +7,14 @@ import shutil
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from gateway.client import ClientGateway
 from gateway.config import Address, AuditSettings, PolicySettings, TLSSettings
-from gateway.protocol import Direction, OpStatus
+from gateway.protocol import CmdSubmit, Direction, OpStatus
 from gateway.server import ServerGateway
 from gateway.sim.server import SimServer, serve_sim
 from gateway.usbip_client import ImportRefused, import_device, list_devices
@@ -36,6 +37,7 @@ REVOKE_ALICE = POLICY.replace('allow id 0525:a4a0 busid "1-1"', 'block id 0525:a
 class Lab:
     sim: SimServer
     server: ServerGateway
+    server_listeners: list[Any]
     policy: Path
     audit: Path
     alice: Address
@@ -69,6 +71,7 @@ async def lab(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Lab:
     return Lab(
         sim,
         server,
+        listeners,
         policy,
         audit,
         await _start_client(nursery, pki, alice, server_address),
@@ -206,3 +209,51 @@ async def test_usbip_list_per_identity(lab: Lab) -> None:
 
 def _records(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_a_client_no_rule_mentions_never_reaches_usbipd(
+    lab: Lab, pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    carol = issue_client(pki, tmp_path, "carol")
+    server_address = Address(*lab.server_listeners[0].socket.getsockname()[:2])
+    address = await _start_client(nursery, pki, carol, server_address)
+    before = lab.sim.connections_accepted
+    # Every rule names alice or bob, so the default decides from the certificate alone.
+    assert await _import_status(address, "1-1") == OpStatus.NODEV
+    assert lab.sim.connections_accepted == before
+
+
+async def test_an_urb_for_another_device_closes_the_session(lab: Lab) -> None:
+    stream = await _connect(lab.alice)
+    device = await import_device(stream, "1-1")
+    received = lab.sim.bytes_received
+    foreign = CmdSubmit(
+        seqnum=1, devid=device.device.devid + 1, direction=Direction.IN, ep=1,
+        transfer_buffer_length=64,
+    )  # fmt: skip
+    await stream.send_all(foreign.encode())
+    assert await stream.receive_some(100) == b""  # closed, nothing answered
+    await stream.aclose()
+    await lab.server.wait_idle()
+    assert lab.sim.bytes_received == received  # not one byte of it reached usbipd
+
+
+async def test_the_policy_file_is_watched(pki: PKI, tmp_path: Path, autojump_clock: object) -> None:
+    rules = tmp_path / "policy.rules"
+    rules.write_text(POLICY)
+    config = replace(
+        server_config(pki, Address("127.0.0.1", 9)),
+        policy=PolicySettings(file=rules, watch_interval=2.0),
+    )
+    server = ServerGateway(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._watch_policy)
+        await trio.sleep(5)
+        assert server.access.policy.generation == 1  # unchanged file: no reload
+        rules.write_text(REVOKE_ALICE)
+        await trio.sleep(5)
+        assert server.access.policy.generation == 2
+        rules.write_text("allow nonsense\n")
+        await trio.sleep(5)
+        assert server.access.policy.generation == 2  # broken: the old policy stays
+        nursery.cancel_scope.cancel()
