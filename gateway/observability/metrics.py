@@ -191,6 +191,12 @@ class GatewayMetrics:
             ["role"],
             registry=registry,
         ).labels(role)
+        self._refused = Counter(
+            f"{p}connections_refused",
+            "Connections closed at once because max_connections were already open.",
+            ["role"],
+            registry=registry,
+        ).labels(role)
         self._upstream_up = Gauge(
             f"{p}upstream_up",
             "1 if the last connection or check upstream succeeded, else 0 (-1: not yet known).",
@@ -264,6 +270,10 @@ class GatewayMetrics:
     def handshake_failed(self, reason: HandshakeReason) -> None:
         self._handshakes.inc()
         self._handshake_failures.get(reason, self._handshake_failures["other"]).inc()
+
+    def connection_refused(self) -> None:
+        """A connection was closed unserved: the gateway had max_connections open."""
+        self._refused.inc()
 
     def upstream_connected(self) -> None:
         self._upstream_up.set(1)
