@@ -39,6 +39,10 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect-timeout", type=float, metavar="SECONDS")
     parser.add_argument("--max-transfer-length", type=int, metavar="BYTES")
     parser.add_argument("--max-pending-urbs", type=int)
+    parser.add_argument("--max-connections", type=int, help="default 1024")
+    parser.add_argument(
+        "--shutdown-timeout", type=float, metavar="SECONDS", help="SIGTERM drain (30)"
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("text", "json"))
     parser.add_argument(
@@ -62,6 +66,8 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "tls.min_version": args.tls_min_version,
         f"{role}.handshake_timeout": args.handshake_timeout,
         f"{role}.connect_timeout": args.connect_timeout,
+        f"{role}.max_connections": args.max_connections,
+        f"{role}.shutdown_timeout": args.shutdown_timeout,
         "limits.max_transfer_length": args.max_transfer_length,
         "limits.max_pending_urbs": args.max_pending_urbs,
         "log.level": args.log_level,
@@ -83,22 +89,33 @@ def reload(gateway: ServerGateway | ClientGateway) -> None:
         gateway.reload_policy()
 
 
-async def _signals(gateway: ServerGateway | ClientGateway, cancel: trio.CancelScope) -> None:
-    """SIGHUP: reload. SIGTERM/SIGINT: stop."""
+async def _signals(
+    gateway: ServerGateway | ClientGateway, cancel: trio.CancelScope, outcome: list[int]
+) -> None:
+    """SIGHUP: reload. SIGTERM/SIGINT: drain, then stop (exit 1 if the drain timed out)."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 reload(gateway)
             else:
-                log.info("%s received, stopping", signal.Signals(signum).name)
+                log.info(
+                    "%s received: no new connections; waiting up to %gs for %d open ones",
+                    signal.Signals(signum).name,
+                    gateway.config.shutdown_timeout,
+                    gateway.acceptor.active,
+                )
+                clean = await gateway.shutdown()
+                outcome.append(0 if clean else 1)
                 cancel.cancel()
                 return
 
 
-async def _run(gateway: ServerGateway | ClientGateway) -> None:
+async def _run(gateway: ServerGateway | ClientGateway) -> int:
+    outcome: list[int] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, gateway, nursery.cancel_scope)
+        nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome)
         await nursery.start(gateway.serve)
+    return outcome[0] if outcome else 0
 
 
 def _load_or_exit(role: str, args: argparse.Namespace) -> ServerConfig | ClientConfig | None:
@@ -136,11 +153,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(_run, gateway)
+        return trio.run(_run, gateway)
     except OSError as exc:
         print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

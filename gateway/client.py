@@ -17,6 +17,7 @@ from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay import close_all, log_session_end, relay
+from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
@@ -38,6 +39,9 @@ class ClientGateway:
         )
         self.sessions: dict[int, Session] = {}
         self.metrics = GatewayMetrics.for_client(config)
+        self.acceptor = Acceptor(
+            "client gateway", self.handle, config.max_connections, self.metrics.connection_refused
+        )
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[TunedListener] = []
@@ -60,9 +64,16 @@ class ClientGateway:
         async with trio.open_nursery() as nursery:
             if self.config.metrics.listen is not None:
                 await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
-            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            await nursery.start(self.acceptor.run, listeners)
             self.metrics.listening = True
             task_status.started(listeners)
+
+    async def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let open sessions end (up to the shutdown timeout); True if
+        they all ended by themselves."""
+        return await self.acceptor.drain(
+            self.config.shutdown_timeout if timeout is None else timeout
+        )
 
     async def connect(self) -> trio.SSLStream[trio.SocketStream]:
         """A verified mutual-TLS connection to the server gateway."""

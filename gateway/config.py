@@ -129,6 +129,8 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     request_timeout: float = 30.0  # from handshake to the op request
     connect_timeout: float = 5.0
+    max_connections: int = 1024  # beyond this, new connections are closed at once
+    shutdown_timeout: float = 30.0  # SIGTERM: how long open sessions may take to end
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
@@ -146,6 +148,8 @@ class ClientConfig:
     listen: tuple[Address, ...] = (Address("127.0.0.1", DEFAULT_PORT),)
     handshake_timeout: float = 10.0
     connect_timeout: float = 5.0
+    max_connections: int = 1024
+    shutdown_timeout: float = 30.0
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
@@ -358,6 +362,8 @@ def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConf
         handshake_timeout=section.number("handshake_timeout", 10.0),
         request_timeout=section.number("request_timeout", 30.0),
         connect_timeout=section.number("connect_timeout", 5.0),
+        max_connections=section.integer("max_connections", 1024),
+        shutdown_timeout=section.number("shutdown_timeout", 30.0),
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
         metrics=_metrics(top.table("metrics")),
@@ -380,6 +386,8 @@ def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConf
         listen=section.addresses("listen", (Address("127.0.0.1", DEFAULT_PORT),)),
         handshake_timeout=section.number("handshake_timeout", 10.0),
         connect_timeout=section.number("connect_timeout", 5.0),
+        max_connections=section.integer("max_connections", 1024),
+        shutdown_timeout=section.number("shutdown_timeout", 30.0),
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
         metrics=_metrics(top.table("metrics")),

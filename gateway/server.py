@@ -36,6 +36,7 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay import close_all, log_session_end, receive_frame, relay
+from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
@@ -51,6 +52,7 @@ from gateway.usbip_client import list_devices
 log = logging.getLogger("gateway.server")
 
 _LOST = (trio.BrokenResourceError, trio.ClosedResourceError)
+AUDIT_FLUSH_TIMEOUT = 5.0
 
 
 class UpstreamUnreachable(Exception):
@@ -93,6 +95,9 @@ class ServerGateway:
         self._idle = trio.Event()
         self._idle.set()
         self.metrics = GatewayMetrics.for_server(config)
+        self.acceptor = Acceptor(
+            "server gateway", self.handle, config.max_connections, self.metrics.connection_refused
+        )
         if config.policy.file is None:
             log.warning(
                 "no policy file: every client with a valid certificate may list and "
@@ -111,7 +116,7 @@ class ServerGateway:
                 await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
             if self.config.policy.file is not None and self.config.policy.watch:
                 nursery.start_soon(self._watch_policy)
-            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            await nursery.start(self.acceptor.run, listeners)
             self.metrics.listening = True
             for listener in listeners:
                 log.info(
@@ -120,6 +125,17 @@ class ServerGateway:
                     self.config.upstream,
                 )
             task_status.started(listeners)
+
+    async def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let open sessions end (up to the shutdown timeout), flush the
+        audit log; True if every session ended by itself."""
+        clean = await self.acceptor.drain(
+            self.config.shutdown_timeout if timeout is None else timeout
+        )
+        self.audit.close()
+        with trio.move_on_after(AUDIT_FLUSH_TIMEOUT):
+            await self.audit.finished.wait()
+        return clean
 
     def reload_policy(self) -> bool:
         """Reload the policy file; judge attached sessions again. False: old one kept."""

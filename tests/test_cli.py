@@ -212,3 +212,28 @@ def test_policy_on_serials_published_by_the_sim(
     assert "1-2:" in listing  # the loopback device, serial SIM-LB-0001
     assert "1-1:" not in listing
     assert "1-3:" not in listing
+
+
+def test_sigterm_exits_1_when_sessions_outlive_the_shutdown_timeout(
+    pki: PKI, processes: list[Process]
+) -> None:
+    import socket  # noqa: PLC0415
+
+    _, sim_port = _start(processes, "sim", "--listen", "127.0.0.1:0")
+    tls = ["--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca_pem)]
+    server, server_port = _start(
+        processes, "server", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{sim_port}",
+        "--shutdown-timeout", "1", *tls,
+    )  # fmt: skip
+    ctls = ["--cert", str(pki.client_cert), "--key", str(pki.client_key), "--ca", str(pki.ca_pem)]
+    client, client_port = _start(
+        processes, "client", "--listen", "127.0.0.1:0", "--server", f"127.0.0.1:{server_port}",
+        "--server-name", "localhost", *ctls,
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", client_port), timeout=START_TIMEOUT) as held:
+        held.sendall(b"\x01\x11\x80\x03\x00\x00\x00\x00" + b"1-2".ljust(32, b"\0"))
+        reply = held.recv(8)
+        assert reply[:4] == b"\x01\x11\x00\x03"  # imported: the session stays open
+        assert server.stop() == 1  # drained for 1 s, then cut: exit status 1
+    assert client.stop() == 0
+    assert "still open after 1s" in "".join(server.lines)
