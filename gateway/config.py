@@ -120,6 +120,28 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressionSettings:
+    """zstd between the gateways, negotiated with TLS ALPN; both sides must want it.
+
+    See docs/compression-and-multipath.md for what it costs and its security caveat.
+    """
+
+    algorithm: Literal["none", "zstd"] = "none"
+    level: int = 3  # zstd level, 1..19 (what this gateway sends; any level decodes)
+
+    @property
+    def enabled(self) -> bool:
+        return self.algorithm == "zstd"
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    """The TCP connection between the gateways."""
+
+    mptcp: bool = False  # IPPROTO_MPTCP sockets; plain TCP if the kernel refuses
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The server gateway: mutual TLS in, usbipd on loopback out."""
 
@@ -134,6 +156,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
@@ -153,6 +177,8 @@ class ClientConfig:
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
 
 
 # ------------------------------------------------------------------ reading
@@ -324,6 +350,21 @@ def _metrics(table: _Table) -> MetricsSettings:
     return metrics
 
 
+def _compression(table: _Table) -> CompressionSettings:
+    settings = CompressionSettings(
+        algorithm=table.choice("algorithm", ("none", "zstd"), "none"),  # type: ignore[arg-type]
+        level=table.integer("level", 3, minimum=1, maximum=19),  # zstd levels without "ultra"
+    )
+    table.done()
+    return settings
+
+
+def _transport(table: _Table) -> TransportSettings:
+    settings = TransportSettings(mptcp=table.boolean("mptcp", False))
+    table.done()
+    return settings
+
+
 def read_toml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -367,6 +408,8 @@ def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConf
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
         metrics=_metrics(top.table("metrics")),
+        compression=_compression(top.table("compression")),
+        transport=_transport(top.table("transport")),
         policy=_policy(top.table("policy"), base),
         audit=_audit(top.table("audit")),
     )
@@ -391,6 +434,8 @@ def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConf
         limits=_limits(top.table("limits")),
         log=_log(top.table("log")),
         metrics=_metrics(top.table("metrics")),
+        compression=_compression(top.table("compression")),
+        transport=_transport(top.table("transport")),
     )
     section.done()
     top.done()
