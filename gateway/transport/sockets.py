@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
@@ -73,6 +74,32 @@ def _new_socket(family: int, *, mptcp: bool) -> trio.socket.SocketType:
 
 def _is_mptcp(sock: trio.socket.SocketType) -> bool:
     return bool(sock.proto == IPPROTO_MPTCP)
+
+
+TCP_IS_MPTCP: int = getattr(socket, "TCP_IS_MPTCP", 43)  # Linux >= 5.16
+Transport = Literal["tcp", "mptcp"]
+
+
+def uses_mptcp(sock: trio.socket.SocketType) -> bool:
+    """Whether the connection on `sock` really runs MPTCP, not just an MPTCP socket.
+
+    An MPTCP socket whose peer lacks MPTCP falls back to plain TCP, and so does one the
+    server accepted from a TCP client; `sock.proto` says IPPROTO_MPTCP either way. The
+    kernel answers `getsockopt(SOL_TCP, TCP_IS_MPTCP)` with 1 only while MPTCP is in use:
+    after a fallback the call reaches the lone TCP subflow, which answers 0. Kernels
+    before 5.16 do not know the option (ENOPROTOOPT): reported as not MPTCP.
+    """
+    if sock.proto != IPPROTO_MPTCP:
+        return False
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP))
+    except OSError:
+        return False
+
+
+def transport_name(stream: trio.SocketStream) -> Transport:
+    """The transport in use, "mptcp" or "tcp", for session records, logs and metrics."""
+    return "mptcp" if uses_mptcp(stream.socket) else "tcp"
 
 
 async def open_tcp(
