@@ -46,6 +46,10 @@ class Session:
     urbs_unlinked: int = 0
     outcome: str = "open"
     op_status: int | None = None  # the op reply's status, once one went through
+    # The link between the gateways (server role: this connection; client role: the one
+    # to the server gateway): "tcp" or "mptcp", and "zstd" or "none" as negotiated.
+    transport: str = "tcp"
+    compression: str = "none"
     meter: SessionMeter | None = None  # URB metrics; None when they are off
 
     def observe(self, sender: Role, frame: Frame, now: float) -> None:
@@ -108,4 +112,6 @@ class Session:
             "urbs_unlinked": self.urbs_unlinked,
             "bytes_from_client": self.bytes_from_client,
             "bytes_from_server": self.bytes_from_server,
+            "transport": self.transport,
+            "compression": self.compression,
         }
