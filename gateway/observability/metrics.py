@@ -172,6 +172,18 @@ class GatewayMetrics:
             registry=registry,
         )
         self._sessions = {o: sessions.labels(role, o) for o in OUTCOMES}
+        by_transport = Counter(
+            f"{p}sessions_by_transport",
+            "Sessions ended, by the link between the gateways: transport (tcp, mptcp: "
+            "what the connection really ran on) and negotiated compression (none, zstd).",
+            ["role", "transport", "compression"],
+            registry=registry,
+        )
+        self._sessions_by_transport = {
+            (t, c): by_transport.labels(role, t, c)
+            for t in ("tcp", "mptcp")
+            for c in ("none", "zstd")
+        }
         self._ops = Counter(
             f"{p}op_requests",
             "USB/IP op requests (devlist, import) by the status of their reply.",
@@ -251,6 +263,9 @@ class GatewayMetrics:
         self._finished_abandoned += max(session.urbs_in_flight, 0)
         outcome = session.outcome
         self._sessions[outcome_class(outcome)].inc()
+        link = self._sessions_by_transport.get((session.transport, session.compression))
+        if link is not None:
+            link.inc()
         side = protocol_error_side(outcome)
         if side is not None:
             self._protocol_errors[side].inc()
@@ -378,6 +393,8 @@ def _session_status(session: Session) -> dict[str, Any]:
         "rtt_samples": samples,
         "rtt_p50_seconds": p50,
         "rtt_p99_seconds": p99,
+        "transport": session.transport,
+        "compression": session.compression,
     }
 
 
