@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -363,6 +364,51 @@ def make_demo_pki(directory: str | os.PathLike[str], *, force: bool = False) -> 
     return paths
 
 
+# --- revocation ----------------------------------------------------------------------------
+
+CRL_DAYS = 30
+
+
+def make_crl(
+    ca: Issued, serials: Iterable[int], *, days: int = CRL_DAYS, now: dt.datetime | None = None
+) -> x509.CertificateRevocationList:
+    """A CRL signed by `ca` listing `serials`; the gateways load it with `tls.crl`."""
+    start = now or dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(start - dt.timedelta(minutes=5))
+        .next_update(start + dt.timedelta(days=days))
+    )
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(start - dt.timedelta(minutes=5))
+            .build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def revoked_serials(path: Path, ca: Issued) -> set[int]:
+    """The serials already in the CRL at `path` (none if it does not exist)."""
+    if not path.exists():
+        return set()
+    crl = x509.load_pem_x509_crl(path.read_bytes())
+    if crl.issuer != ca.cert.subject or not crl.is_signature_valid(ca.key.public_key()):
+        raise PKIError(f"{path} was not issued by the CA in {path.parent}")
+    return {entry.serial_number for entry in crl}
+
+
+def write_crl(directory: Path, serials: Iterable[int], *, days: int = CRL_DAYS) -> Path:
+    """(Re)write DIR/crl.pem from DIR's CA, replacing it atomically."""
+    ca = load_ca(directory)
+    path = directory / "crl.pem"
+    data = make_crl(ca, serials, days=days).public_bytes(serialization.Encoding.PEM)
+    _write_new(path, data, 0o644, force=True)
+    return path
+
+
 # --- describing ----------------------------------------------------------------------------
 
 
@@ -491,6 +537,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    ca = load_ca(d)
+    serials = revoked_serials(d / "crl.pem", ca)
+    for name in args.certs:
+        cert = load_certificate(name)
+        try:
+            cert.verify_directly_issued_by(ca.cert)  # the signature, not just the name
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise PKIError(f"{name} was not issued by the CA in {d}") from exc
+        serials.add(cert.serial_number)
+    path = write_crl(d, serials, days=args.days)
+    print(f"wrote {path}: {len(serials)} revoked; send SIGHUP to the gateways to load it")
+    return 0
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    serials = revoked_serials(d / "crl.pem", load_ca(d))
+    path = write_crl(d, serials, days=args.days)
+    print(f"wrote {path}: {len(serials)} revoked, valid for {args.days} days")
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     print(describe_certificate(load_certificate(args.file)))
     return 0
@@ -530,6 +600,17 @@ def add_certs_parser(
     demo.add_argument("--dir", required=True)
     demo.add_argument("--force", action="store_true", help="overwrite existing files")
     demo.set_defaults(func=_guarded(_cmd_demo))
+
+    revoke = sub.add_parser("revoke", help="add certificates to DIR/crl.pem (signed by DIR's CA)")
+    revoke.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
+    revoke.add_argument("certs", nargs="+", metavar="CERT", help="certificate files to revoke")
+    revoke.add_argument("--days", type=int, default=CRL_DAYS, help="CRL validity in days")
+    revoke.set_defaults(func=_guarded(_cmd_revoke))
+
+    crl = sub.add_parser("crl", help="write or refresh DIR/crl.pem (renew before it expires)")
+    crl.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
+    crl.add_argument("--days", type=int, default=CRL_DAYS, help="CRL validity in days")
+    crl.set_defaults(func=_guarded(_cmd_crl))
 
     show = sub.add_parser("show", help="print a certificate's subject, SANs, validity")
     show.add_argument("file")

@@ -34,6 +34,7 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert", help="this gateway's certificate (PEM)")
     parser.add_argument("--key", help="this gateway's private key (PEM)")
     parser.add_argument("--ca", help="CA certificate(s) the peer's certificate must chain to")
+    parser.add_argument("--crl", help="PEM revocation list from the CA (reloaded on SIGHUP)")
     parser.add_argument("--tls-min-version", choices=("1.2", "1.3"), help="default 1.3")
     parser.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
     parser.add_argument("--connect-timeout", type=float, metavar="SECONDS")
@@ -64,6 +65,7 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "tls.key": args.key,
         "tls.ca": args.ca,
         "tls.min_version": args.tls_min_version,
+        "tls.crl": args.crl,
         f"{role}.handshake_timeout": args.handshake_timeout,
         f"{role}.connect_timeout": args.connect_timeout,
         f"{role}.max_connections": args.max_connections,

@@ -35,7 +35,11 @@ class ClientGateway:
     def __init__(self, config: ClientConfig, *, tls: ReloadableContext | None = None) -> None:
         self.config = config
         self.tls = tls or ReloadableContext.client(
-            config.tls.cert, config.tls.key, config.tls.ca, min_version=config.tls.version
+            config.tls.cert,
+            config.tls.key,
+            config.tls.ca,
+            min_version=config.tls.version,
+            crl=config.tls.crl,
         )
         self.sessions: dict[int, Session] = {}
         self.metrics = GatewayMetrics.for_client(config)

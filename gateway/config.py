@@ -80,6 +80,7 @@ class TLSSettings:
     key: Path
     ca: Path
     min_version: Literal["1.2", "1.3"] = "1.3"
+    crl: Path | None = None  # PEM CRL from the CA; reloaded on SIGHUP like the rest
 
     @property
     def version(self) -> ssl.TLSVersion:
@@ -289,6 +290,7 @@ def _tls(table: _Table, base: Path) -> TLSSettings:
         key=table.path("key", base),
         ca=table.path("ca", base),
         min_version=table.choice("min_version", ("1.2", "1.3"), "1.3"),  # type: ignore[arg-type]
+        crl=table.path("crl", base) if table.has("crl") else None,
     )
     table.done()
     return tls

@@ -39,7 +39,13 @@ from gateway.relay import close_all, log_session_end, receive_frame, relay
 from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.names import local_name, peer_name
-from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
+from gateway.transport.compression import compress_if_negotiated
+from gateway.transport.sockets import (
+    TunedListener,
+    open_tcp,
+    open_tcp_listeners,
+    transport_name,
+)
 from gateway.transport.tls import (
     HandshakeFailed,
     PeerIdentity,
@@ -81,7 +87,11 @@ class ServerGateway:
     ) -> None:
         self.config = config
         self.tls = tls or ReloadableContext.server(
-            config.tls.cert, config.tls.key, config.tls.ca, min_version=config.tls.version
+            config.tls.cert,
+            config.tls.key,
+            config.tls.ca,
+            min_version=config.tls.version,
+            crl=config.tls.crl,
         )
         if strings is None:
             sysfs = config.policy.sysfs
@@ -109,7 +119,11 @@ class ServerGateway:
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[TunedListener] = []
         for address in self.config.listen:
-            listeners.extend(await open_tcp_listeners(address.host, address.port))
+            listeners.extend(
+                await open_tcp_listeners(
+                    address.host, address.port, mptcp=self.config.transport.mptcp
+                )
+            )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.audit.run)
             if self.config.metrics.listen is not None:
@@ -179,10 +193,22 @@ class ServerGateway:
         self.metrics.handshake_succeeded()
         identity = peer_identity(tls_stream)
         session = Session("server", str(identity), address, time.time())
+        session.transport = transport_name(stream)
+        client = compress_if_negotiated(
+            tls_stream, level=self.config.compression.level, on_bytes=self.metrics.compressed
+        )
+        session.compression = "none" if client is tls_stream else "zstd"
+        log.debug(
+            "session %d from %s: %s, compression %s",
+            session.id,
+            identity,
+            session.transport,
+            session.compression,
+        )
         self._add(session)
         self.metrics.session_started(session)
         try:
-            await self._serve_session(tls_stream, identity, session)
+            await self._serve_session(client, identity, session)
         finally:
             self.metrics.session_ended(session)
             log_session_end(log, session)
@@ -215,7 +241,7 @@ class ServerGateway:
         await self._idle.wait()
 
     async def _serve_session(
-        self, client: trio.SSLStream[trio.SocketStream], identity: PeerIdentity, session: Session
+        self, client: trio.abc.Stream, identity: PeerIdentity, session: Session
     ) -> None:
         splice = Splice(self.config.limits)
         try:

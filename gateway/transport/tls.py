@@ -12,6 +12,7 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import trio
@@ -33,6 +34,7 @@ HandshakeReason = Literal[
     "unknown_ca",
     "bad_certificate",
     "certificate_expired",
+    "certificate_revoked",
     "hostname_mismatch",
     "protocol_version",
     "not_tls",
@@ -54,11 +56,15 @@ def _check_version(min_version: ssl.TLSVersion) -> None:
         raise ValueError(f"min_version must be TLSv1_2 or TLSv1_3, not {min_version.name}")
 
 
-def _load(ctx: ssl.SSLContext, cert: FilePath, key: FilePath, ca: FilePath) -> None:
+def _load(
+    ctx: ssl.SSLContext, cert: FilePath, key: FilePath, ca: FilePath, crl: FilePath | None
+) -> None:
     try:
         ctx.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(f"cannot load CA {os.fspath(ca)!r}: {_short(exc)}") from exc
+    if crl is not None:
+        _load_crl(ctx, crl)
     try:
         ctx.load_cert_chain(certfile=cert, keyfile=key)
     except (OSError, ssl.SSLError) as exc:
@@ -66,6 +72,23 @@ def _load(ctx: ssl.SSLContext, cert: FilePath, key: FilePath, ca: FilePath) -> N
             f"cannot load certificate {os.fspath(cert)!r} with key {os.fspath(key)!r}: "
             f"{_short(exc)}"
         ) from exc
+
+
+def _load_crl(ctx: ssl.SSLContext, crl: FilePath) -> None:
+    """Check the peer's certificate against the CA's revocation list (PEM)."""
+    try:
+        text = Path(crl).read_bytes()
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read CRL {os.fspath(crl)!r}: {_short(exc)}") from exc
+    if b"-----BEGIN X509 CRL-----" not in text:
+        raise TLSConfigError(f"{os.fspath(crl)!r} holds no PEM CRL")
+    try:
+        # OpenSSL reads CRLs from a PEM file given as `cafile` (`cadata` takes certs only).
+        ctx.load_verify_locations(cafile=crl)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"cannot load CRL {os.fspath(crl)!r}: {_short(exc)}") from exc
+    # The leaf only: the CA that signs the CRL is the root the peer chains to.
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _short(exc: BaseException) -> str:
@@ -83,6 +106,7 @@ def server_context(
     *,
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
     alpn: Sequence[str] = DEFAULT_ALPN,
+    crl: FilePath | None = None,
 ) -> ssl.SSLContext:
     """A server context that demands a client certificate signed by `ca`.
 
@@ -96,7 +120,7 @@ def server_context(
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(list(alpn))
-    _load(ctx, cert, key, ca)
+    _load(ctx, cert, key, ca, crl)
     return ctx
 
 
@@ -107,6 +131,7 @@ def client_context(
     *,
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
     alpn: Sequence[str] = DEFAULT_ALPN,
+    crl: FilePath | None = None,
 ) -> ssl.SSLContext:
     """A client context that presents `cert` and checks the server's chain and hostname.
 
@@ -119,7 +144,7 @@ def client_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(list(alpn))
-    _load(ctx, cert, key, ca)
+    _load(ctx, cert, key, ca, crl)
     return ctx
 
 
@@ -144,9 +169,12 @@ class ReloadableContext:
         *,
         min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
         alpn: Sequence[str] = DEFAULT_ALPN,
+        crl: FilePath | None = None,
     ) -> ReloadableContext:
         alpn = tuple(alpn)
-        return cls(lambda: server_context(cert, key, ca, min_version=min_version, alpn=alpn))
+        return cls(
+            lambda: server_context(cert, key, ca, min_version=min_version, alpn=alpn, crl=crl)
+        )
 
     @classmethod
     def client(
@@ -157,9 +185,12 @@ class ReloadableContext:
         *,
         min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
         alpn: Sequence[str] = DEFAULT_ALPN,
+        crl: FilePath | None = None,
     ) -> ReloadableContext:
         alpn = tuple(alpn)
-        return cls(lambda: client_context(cert, key, ca, min_version=min_version, alpn=alpn))
+        return cls(
+            lambda: client_context(cert, key, ca, min_version=min_version, alpn=alpn, crl=crl)
+        )
 
     @property
     def current(self) -> ssl.SSLContext:
@@ -253,6 +284,7 @@ class HandshakeFailed(Exception):
 _VERIFY_CODES: dict[int, HandshakeReason] = {
     2: "unknown_ca",  # unable to get issuer certificate
     10: "certificate_expired",
+    23: "certificate_revoked",
     18: "unknown_ca",  # self-signed leaf
     19: "unknown_ca",  # self-signed certificate in chain
     20: "unknown_ca",  # unable to get local issuer certificate
@@ -270,7 +302,7 @@ _SSL_REASONS: dict[str, HandshakeReason] = {
     "SSLV3_ALERT_BAD_CERTIFICATE": "bad_certificate",
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "bad_certificate",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "bad_certificate",
-    "SSLV3_ALERT_CERTIFICATE_REVOKED": "bad_certificate",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate_revoked",
     "UNSUPPORTED_PROTOCOL": "protocol_version",
     "NO_PROTOCOLS_AVAILABLE": "protocol_version",
     "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
