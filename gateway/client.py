@@ -19,8 +19,14 @@ from gateway.protocol import Splice
 from gateway.relay import close_all, log_session_end, relay
 from gateway.serving import Acceptor
 from gateway.session import Session
+from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.names import local_name, peer_name
-from gateway.transport.sockets import TunedListener, open_tcp, open_tcp_listeners
+from gateway.transport.sockets import (
+    TunedListener,
+    open_tcp,
+    open_tcp_listeners,
+    transport_name,
+)
 from gateway.transport.tls import (
     HandshakeFailed,
     ReloadableContext,
@@ -40,6 +46,7 @@ class ClientGateway:
             config.tls.ca,
             min_version=config.tls.version,
             crl=config.tls.crl,
+            alpn=alpn_protocols(config.compression.enabled),
         )
         self.sessions: dict[int, Session] = {}
         self.metrics = GatewayMetrics.for_client(config)
@@ -84,7 +91,10 @@ class ClientGateway:
         server = self.config.server
         try:
             tcp = await open_tcp(
-                server.host, server.port, connect_timeout=self.config.connect_timeout
+                server.host,
+                server.port,
+                connect_timeout=self.config.connect_timeout,
+                mptcp=self.config.transport.mptcp,
             )
         except (OSError, trio.TooSlowError):
             self.metrics.upstream_connect_failed()
@@ -121,7 +131,19 @@ class ClientGateway:
                 await trio.aclose_forcefully(stream)
                 return
             session.peer = str(peer_identity(upstream))
-            await relay(Splice(self.config.limits), stream, upstream, session)
+            session.transport = transport_name(upstream.transport_stream)
+            link = compress_if_negotiated(
+                upstream, level=self.config.compression.level, on_bytes=self.metrics.compressed
+            )
+            session.compression = "none" if link is upstream else "zstd"
+            log.debug(
+                "session %d to %s: %s, compression %s",
+                session.id,
+                session.peer,
+                session.transport,
+                session.compression,
+            )
+            await relay(Splice(self.config.limits), stream, link, session)
         finally:
             await close_all(stream)
             del self.sessions[session.id]

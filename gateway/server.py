@@ -39,7 +39,7 @@ from gateway.relay import close_all, log_session_end, receive_frame, relay
 from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.names import local_name, peer_name
-from gateway.transport.compression import compress_if_negotiated
+from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.sockets import (
     TunedListener,
     open_tcp,
@@ -92,6 +92,7 @@ class ServerGateway:
             config.tls.ca,
             min_version=config.tls.version,
             crl=config.tls.crl,
+            alpn=alpn_protocols(config.compression.enabled),
         )
         if strings is None:
             sysfs = config.policy.sysfs

@@ -49,12 +49,12 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Literal, cast
+from typing import IO, Any, Literal, cast
 
 import trio
 import zstandard
 
-from gateway.transport.tls import ALPN_PLAIN, ALPN_ZSTD
+from gateway.transport.tls import ALPN_PLAIN, ALPN_ZSTD, negotiated_alpn
 
 CHUNK_SIZE = 64 * 1024  # plain bytes per chunk a sender here writes
 MAX_CHUNK = 1024 * 1024  # the most a receiver accepts, wire or plain, per chunk
@@ -494,3 +494,13 @@ def wrap(
         else (ZstdStream)
     )
     return cls(transport, level=level, on_bytes=on_bytes)
+
+
+def compress_if_negotiated(
+    tls_stream: trio.SSLStream[Any], *, level: int = DEFAULT_LEVEL, on_bytes: ByteCounter | None
+) -> trio.abc.Stream:
+    """After the TLS handshake: `tls_stream` wrapped in a `ZstdStream` if ALPN chose
+    `ALPN_ZSTD`, else `tls_stream` itself."""
+    if negotiated_alpn(tls_stream) != ALPN_ZSTD:
+        return tls_stream
+    return wrap(tls_stream, level=level, on_bytes=on_bytes)
