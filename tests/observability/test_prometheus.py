@@ -346,13 +346,13 @@ async def test_dashboard_and_alerts_against_prometheus(
     # promtool's lint of what the gateways expose.
     for address in targets:
         scrape = await PrometheusAPI(f"http://{address}").get("/metrics")
-        result = await trio.run_process(
+        lint = await trio.run_process(
             [promtool, "check", "metrics"],
             stdin=scrape.encode(),
             capture_stdout=True,
             capture_stderr=True,
             check=False,
         )
-        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+        assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
     await source.aclose()
     await loop.aclose()
