@@ -56,6 +56,20 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
         choices=("none", "busid", "vidpid"),
         help="add a bounded device label to URB metrics (default none)",
     )
+    parser.add_argument(
+        "--compression",
+        choices=("none", "zstd"),
+        help="zstd between the gateways if the peer wants it too (default none)",
+    )
+    parser.add_argument(
+        "--compression-level", type=int, metavar="N", help="zstd level 1..19 (default 3)"
+    )
+    parser.add_argument(
+        "--mptcp",
+        action="store_const",
+        const=True,
+        help="MPTCP between the gateways (TCP if the kernel refuses; default off)",
+    )
 
 
 def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -76,6 +90,9 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "log.format": args.log_format,
         "metrics.listen": args.metrics_listen,
         "metrics.device_label": args.metrics_device_label,
+        "compression.algorithm": args.compression,
+        "compression.level": args.compression_level,
+        "transport.mptcp": args.mptcp,
     }
 
 
