@@ -56,9 +56,9 @@ def test_bounded_fuzz_run_finds_nothing(
         check=False,
     )
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
-    assert result.returncode == 0 and not crashes, (
-        f"{harness}: exit {result.returncode}, artifacts {crashes}\n{result.stderr[-6000:]}"
-    )
+    report = f"{harness}: exit {result.returncode}, artifacts {crashes}\n{result.stderr[-6000:]}"
+    assert not crashes, report
+    assert result.returncode == 0, report
     stats = [line for line in result.stderr.splitlines() if line.startswith("stat::")]
     runs = next(int(line.split()[-1]) for line in stats if "number_of_executed_units" in line)
     print(f"{harness}: {runs} executions in {FUZZ_SECONDS}s, no findings")
