@@ -45,15 +45,22 @@ async def forward(
         splice.receive_data(sender, data)
         out: list[bytes] = []
         closed = False
-        while True:
-            frame = next_frame(sender)
-            if isinstance(frame, NeedData):
-                break
-            if isinstance(frame.event, ConnectionClosed):
-                closed = True
-                break
-            observe(sender, frame, clock())
-            out.append(frame.raw)
+        try:
+            while True:
+                frame = next_frame(sender)
+                if isinstance(frame, NeedData):
+                    break
+                if isinstance(frame.event, ConnectionClosed):
+                    closed = True
+                    break
+                observe(sender, frame, clock())
+                out.append(frame.raw)
+        except ProtocolError:
+            # Frames that passed before the offending one go through, as they would
+            # have had they arrived in an earlier read.
+            if out:
+                await sink.send_all(b"".join(out))
+            raise
         if out:
             # One write for all frames of one read: fewer syscalls and TLS records.
             await sink.send_all(out[0] if len(out) == 1 else b"".join(out))
