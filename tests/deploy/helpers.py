@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import shutil
 import tomllib
@@ -83,11 +84,21 @@ def container(pod_spec: Mapping[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in containers(pod_spec) if c["name"] == name)
 
 
+def shutdown_timeout() -> float:
+    """The longest default SIGTERM drain of the two gateways."""
+    defaults: list[float] = []
+    for config in (ServerConfig, ClientConfig):
+        default = {f.name: f.default for f in dataclasses.fields(config)}["shutdown_timeout"]
+        assert isinstance(default, float)
+        defaults.append(default)
+    return max(defaults)
+
+
 def accept(role: str, text: str, tmp_path: Path) -> ServerConfig | ClientConfig:
     """Load a TOML configuration the way the gateway does, with the files it names
     (certificates, policy) replaced by empty files under tmp_path."""
     data = tomllib.loads(text)
-    files = {"tls": ("cert", "key", "ca"), "policy": ("file",)}
+    files = {"tls": ("cert", "key", "ca", "crl"), "policy": ("file",)}
     for table, keys in files.items():
         for key in keys:
             if key in data.get(table, {}):

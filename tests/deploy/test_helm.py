@@ -4,6 +4,7 @@ probes, mounts and security contexts where they belong, configs the gateway acce
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .helpers import (
     notes,
     objects,
     render,
+    shutdown_timeout,
 )
 
 KUBERNETES_VERSIONS = ("1.25.0", "1.30.0", "1.37.0")  # the chart's kubeVersion floor .. now
@@ -36,12 +38,13 @@ MINIMAL: dict[str, Any] = {"server": {"tls": {"secretName": "gw-tls"}}}
 FULL: dict[str, Any] = {
     "server": {
         "tls": {
+            "crl": {"configMap": "lab-crl"},
             "certManager": {
                 "enabled": True,
                 "issuerRef": {"name": "lab-ca", "kind": "ClusterIssuer"},
                 "dnsNames": ["*.usb.example.org"],
                 "ipAddresses": ["192.0.2.10"],
-            }
+            },
         },
         "policy": {"rules": 'allow client-cn "alice"\ndefault reject\n'},
         "usbipd": {"bind": ["1-1.4", "0781:*"]},
@@ -88,7 +91,7 @@ CLIENT_ONLY: dict[str, Any] = {
     "client": {
         "enabled": True,
         "server": "[2001:db8::10]:3240",
-        "tls": {"secretName": "alice-tls"},
+        "tls": {"secretName": "alice-tls", "crl": {"configMap": "lab-crl", "key": "lab.crl"}},
         "loadVhciModule": False,
         "listen": "127.0.0.1:3242",
     },
@@ -449,3 +452,33 @@ def test_bad_values_fail_with_a_message(values: dict[str, Any], message: str) ->
     sdk = helm()
     with pytest.raises(sdk.HelmError, match=message):
         render(values)
+
+
+def test_revocation_lists_come_from_a_configmap(tmp_path: Path) -> None:
+    for values, kind in ((FULL, "server"), (CLIENT_ONLY, "client")):
+        docs = objects(values)
+        pod = find(docs, "DaemonSet", f"-{kind}")["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "crl")
+        key = values[kind]["tls"]["crl"].get("key", "crl.pem")
+        assert volume["configMap"] == {
+            "name": "lab-crl",
+            "items": [{"key": key, "path": "crl.pem"}],
+        }
+        mount = next(m for m in container(pod, "gateway")["volumeMounts"] if m["name"] == "crl")
+        assert mount == {"name": "crl", "mountPath": "/etc/usbip-gateway/crl", "readOnly": True}
+        text = find(docs, "ConfigMap", f"-{kind}")["data"][f"{kind}.toml"]
+        assert tomllib.loads(text)["tls"]["crl"] == "/etc/usbip-gateway/crl/crl.pem"
+        assert accept(kind, text, tmp_path).tls.crl is not None
+    assert (
+        "crl"
+        not in tomllib.loads(find(objects(MINIMAL), "ConfigMap", "-server")["data"]["server.toml"])[
+            "tls"
+        ]
+    )
+
+
+def test_grace_period_outlasts_the_sigterm_drain() -> None:
+    drain = shutdown_timeout()
+    for doc in objects(FULL):
+        if doc["kind"] == "DaemonSet":
+            assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain

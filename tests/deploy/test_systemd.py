@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config import parse_address
 
-from .helpers import DEPLOY, SYSTEMD, need_tool
+from .helpers import DEPLOY, SYSTEMD, need_tool, shutdown_timeout
 
 UNITS = (
     "usbipd.service",
@@ -121,6 +121,12 @@ def test_gateway_units_are_hardened(name: str) -> None:
     # module loading, if any, is the only thing outside the sandbox
     for pre in service.get("ExecStartPre", []):
         assert pre.startswith("+/sbin/modprobe ")
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_stop_timeout_outlasts_the_sigterm_drain(name: str) -> None:
+    drain = shutdown_timeout()
+    assert int(one(read_unit(name), "Service", "TimeoutStopSec")) > drain
 
 
 def test_server_follows_usbipd() -> None:

@@ -138,6 +138,9 @@ integers.
 {{- if .Values.server.audit.enabled -}}
 {{- $_ := set $managed "audit" (dict "path" "-") -}}
 {{- end -}}
+{{- if .Values.server.tls.crl.configMap -}}
+{{- $_ := set (index $managed "tls") "crl" "/etc/usbip-gateway/crl/crl.pem" -}}
+{{- end -}}
 {{- $config := mergeOverwrite (deepCopy (.Values.server.config | default dict)) $managed -}}
 # usbip-gateway server, rendered by the Helm chart. Paths are the pod's mounts.
 {{ include "usbip-gateway.toml" $config }}
@@ -157,6 +160,9 @@ integers.
     "ca" "/etc/usbip-gateway/tls/ca.crt"
     "min_version" .Values.client.tls.minVersion)
   "metrics" (dict "listen" .Values.client.metrics.listen "device_label" .Values.metrics.deviceLabel) -}}
+{{- if .Values.client.tls.crl.configMap -}}
+{{- $_ := set (index $managed "tls") "crl" "/etc/usbip-gateway/crl/crl.pem" -}}
+{{- end -}}
 {{- $config := mergeOverwrite (deepCopy (.Values.client.config | default dict)) $managed -}}
 # usbip-gateway client, rendered by the Helm chart. Paths are the pod's mounts.
 {{ include "usbip-gateway.toml" $config }}
