@@ -160,6 +160,11 @@ async def devlist_over_limit(stream: trio.SocketStream, request: bytes) -> None:
     await drain_until_closed(stream)
 
 
+async def devlist_close_mid_device(stream: trio.SocketStream, request: bytes) -> None:
+    head = OP_HEADER.pack(0x0111, OpCode.REP_DEVLIST, 0) + (2).to_bytes(4, "big")
+    await stream.send_all(head + HOSTILE.encode() + bytes(4) + HOSTILE.encode()[:200])
+
+
 async def close_mid_ret_submit(stream: trio.SocketStream, request: bytes) -> None:
     cmd = await _imported(stream)
     ret = RetSubmit(_seqnum(cmd), 0, IN_LENGTH, data=bytes(IN_LENGTH)).encode()
@@ -242,6 +247,8 @@ SCENARIOS: dict[str, tuple[Callable[..., Awaitable[None]], Client, str]] = {
     "stall": (stall, import_hostile, "usbipd did not answer the IMPORT request"),
     "reset-before-reply": (reset_before_reply, import_hostile, "connection lost"),
     "devlist-over-limit": (devlist_over_limit, devlist_hostile, "over the limit of 1024"),
+    "devlist-close-mid-device": (devlist_close_mid_device, devlist_hostile, "mid-message"),
+    "devlist-stall": (stall, devlist_hostile, "usbipd did not answer the DEVLIST request"),
     "close-mid-ret-submit": (close_mid_ret_submit, import_hostile, "mid-message"),
     "ret-for-unknown-seqnum": (ret_for_unknown_seqnum, import_hostile, "which is not pending"),
     "cmd-instead-of-ret": (cmd_instead_of_ret, import_hostile, "URB command 1 from the server"),
