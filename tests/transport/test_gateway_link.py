@@ -106,6 +106,10 @@ async def _write_and_read_back(pair: Pair, payloads: list[bytes]) -> tuple[Sessi
                 back += got.data
             assert bytes(back) == payload
         sessions = _only_session(pair.server.sessions), _only_session(pair.client.sessions)
+        for gateway, session in zip((pair.server, pair.client), sessions, strict=True):
+            (status,) = [s for s in gateway.metrics.status()["sessions"] if s["id"] == session.id]
+            assert status["transport"] == session.transport
+            assert status["compression"] == session.compression
         await device.aclose()
     return sessions
 
