@@ -38,8 +38,8 @@ from gateway.protocol import (
 from gateway.relay import close_all, log_session_end, receive_frame, relay
 from gateway.serving import Acceptor
 from gateway.session import Session
-from gateway.transport.names import local_name, peer_name
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
     open_tcp,
@@ -103,8 +103,6 @@ class ServerGateway:
         )
         self.sessions: dict[int, Session] = {}
         self.attached: dict[int, Attached] = {}
-        self._idle = trio.Event()
-        self._idle.set()
         self.metrics = GatewayMetrics.for_server(config)
         self.acceptor = Acceptor(
             "server gateway", self.handle, config.max_connections, self.metrics.connection_refused
@@ -206,7 +204,7 @@ class ServerGateway:
             session.transport,
             session.compression,
         )
-        self._add(session)
+        self.sessions[session.id] = session
         self.metrics.session_started(session)
         try:
             await self._serve_session(client, identity, session)
@@ -225,21 +223,11 @@ class ServerGateway:
                 bytes_from_server=session.bytes_from_server,
                 duration_seconds=round(time.time() - session.started, 3),
             )
-            self._remove(session)
-
-    def _add(self, session: Session) -> None:
-        if not self.sessions:
-            self._idle = trio.Event()
-        self.sessions[session.id] = session
-
-    def _remove(self, session: Session) -> None:
-        del self.sessions[session.id]
-        if not self.sessions:
-            self._idle.set()
+            del self.sessions[session.id]
 
     async def wait_idle(self) -> None:
-        """Until no session is open (each one logged and audited)."""
-        await self._idle.wait()
+        """Until no connection is open (each one logged, audited and counted)."""
+        await self.acceptor.wait_idle()
 
     async def _serve_session(
         self, client: trio.abc.Stream, identity: PeerIdentity, session: Session
@@ -257,6 +245,14 @@ class ServerGateway:
         else:
             if isinstance(request, ConnectionClosed):
                 session.outcome = "closed by client before a request"
+            elif splice.buffered(Role.CLIENT):
+                # A client speaks again only after the reply (`usbip` never pipelines):
+                # whatever follows the request is refused, never forwarded.
+                session.observe(Role.CLIENT, request, trio.current_time())
+                session.outcome = (
+                    f"protocol error from client: {splice.buffered(Role.CLIENT)} bytes "
+                    "after the op request, before its reply"
+                )
             else:
                 session.observe(Role.CLIENT, request, trio.current_time())
                 if isinstance(request.event, OpRequestImport):

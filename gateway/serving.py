@@ -66,6 +66,10 @@ class Acceptor:
                     task_status.started()
             log.info("%s: stopped accepting, %d connections open", self.name, self.active)
 
+    async def wait_idle(self) -> None:
+        """Until no connection is in hand (each one's handler has returned)."""
+        await self._idle.wait()
+
     async def drain(self, timeout: float) -> bool:
         """Stop accepting; wait up to `timeout` s for open connections; True if all ended.
 
