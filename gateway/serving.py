@@ -132,8 +132,9 @@ class Acceptor:
             # A bug in one session must not end the others: log it and close this one.
             self.internal_errors += 1
             log.exception("%s: internal error in a connection handler", self.name)
-            await trio.aclose_forcefully(stream)
         finally:
+            # Whatever the handler did (or was cancelled while doing), the socket goes.
+            await trio.aclose_forcefully(stream)
             self.active -= 1
             if self.active == 0:
                 self._idle.set()

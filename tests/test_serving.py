@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import suppress
 
+import pytest
 import trio
 
 from gateway.demo import Stack, start_stack
 from gateway.protocol import Direction
+from gateway.serving import Acceptor
+from gateway.transport.sockets import open_tcp_listeners
 from gateway.usbip_client import import_device, list_devices
 
 from .pki import PKI
@@ -89,3 +93,34 @@ async def test_drain_that_times_out_closes_the_remaining_sessions(
         with trio.fail_after(10):
             await device.closed.wait()
         await device.aclose()
+
+
+async def test_a_handler_bug_ends_only_its_own_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    served: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some(10)
+        if data == b"boom":
+            raise RuntimeError("a bug")
+        served.append(data)
+        await stream.send_all(b"ok")
+
+    listeners = await open_tcp_listeners("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    acceptor = Acceptor("test", handler, max_connections=10)
+    await nursery.start(acceptor.run, listeners)
+    with caplog.at_level(logging.ERROR, "gateway.serving"):
+        bad = await trio.open_tcp_stream("127.0.0.1", port)
+        await bad.send_all(b"boom")
+        assert await bad.receive_some(10) == b""  # closed, not hung
+        await bad.aclose()
+        await acceptor.wait_idle()
+    assert acceptor.internal_errors == 1
+    assert "internal error in a connection handler" in caplog.text
+    good = await trio.open_tcp_stream("127.0.0.1", port)
+    await good.send_all(b"hello")
+    assert await good.receive_some(10) == b"ok"
+    await good.aclose()
+    assert served == [b"hello"]
