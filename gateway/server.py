@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -270,32 +271,16 @@ class ServerGateway:
         splice: Splice,
         request: Frame,
     ) -> None:
-        upstream = await self._connect_upstream(session)
-        if upstream is None:
-            await self._refuse(client, splice, OpReplyDevlist(status=OpStatus.ERROR))
-            return
-        try:
-            await upstream.send_all(request.raw)
-            with trio.fail_after(self.config.request_timeout):
-                reply = await receive_frame(splice, Role.SERVER, upstream)
-            if isinstance(reply, ConnectionClosed):
-                session.outcome = "usbipd closed without a DEVLIST reply"
-                return
-            session.observe(Role.SERVER, reply, trio.current_time())
+        async def answer(upstream: trio.abc.Stream, reply: Frame) -> None:
             assert isinstance(reply.event, OpReplyDevlist)
             devices = reply.event.devices
             shown = self.access.visible(identity, session.address, devices)
             data = reply.raw if shown == devices else splice.replace(reply, OpReplyDevlist(shown))
             await client.send_all(data)
             session.outcome = f"listed {len(shown)} of {len(devices)} devices"
-        except ProtocolError as exc:
-            session.outcome = f"protocol error from usbipd: {exc}"
-        except trio.TooSlowError:
-            session.outcome = "usbipd did not answer the DEVLIST request"
-        except _LOST as exc:
-            session.outcome = f"connection lost: {exc}"
-        finally:
-            await close_all(client, upstream)
+
+        refusal = OpReplyDevlist(status=OpStatus.ERROR)
+        await self._exchange(client, session, splice, request, refusal=refusal, answer=answer)
 
     async def _import(
         self,
@@ -305,9 +290,8 @@ class ServerGateway:
         splice: Splice,
         request: Frame,
     ) -> None:
-        busid = session.busid
         try:
-            verdict = await self.access.judge_import(identity, session.address, busid)
+            verdict = await self.access.judge_import(identity, session.address, session.busid)
         except UpstreamUnreachable:
             await self._refuse(client, splice, OpReplyImport(OpStatus.ERROR))
             session.outcome = "usbipd unreachable while looking up the device"
@@ -319,24 +303,13 @@ class ServerGateway:
             )
             await self._refuse(client, splice, OpReplyImport(verdict.refusal))
             return
-        upstream = await self._connect_upstream(session)
-        if upstream is None:
-            await self._refuse(client, splice, OpReplyImport(OpStatus.ERROR))
-            return
-        try:
-            await upstream.send_all(request.raw)
-            with trio.fail_after(self.config.request_timeout):
-                reply = await receive_frame(splice, Role.SERVER, upstream)
-            if isinstance(reply, ConnectionClosed):
-                session.outcome = "usbipd closed without an IMPORT reply"
-                return
-            session.observe(Role.SERVER, reply, trio.current_time())
+
+        async def answer(upstream: trio.abc.Stream, reply: Frame) -> None:
             assert isinstance(reply.event, OpReplyImport)
-            device = reply.event.device
-            if device is None:
-                await client.send_all(reply.raw)
+            if reply.event.device is None:
+                await client.send_all(reply.raw)  # usbipd's own refusal, as it is
                 return
-            facts = self._confirm(verdict, identity, device.busid, reply)
+            facts = self._confirm(verdict, identity, reply)
             if facts is None:
                 session.outcome = "device changed between decision and import; now denied"
                 return  # closing usbipd's socket frees the device
@@ -349,17 +322,47 @@ class ServerGateway:
                 splice=splice,
                 facts=facts,
             )
+
+        refusal = OpReplyImport(OpStatus.ERROR)
+        await self._exchange(client, session, splice, request, refusal=refusal, answer=answer)
+
+    async def _exchange(
+        self,
+        client: trio.abc.Stream,
+        session: Session,
+        splice: Splice,
+        request: Frame,
+        *,
+        refusal: OpReplyImport | OpReplyDevlist,
+        answer: Callable[[trio.abc.Stream, Frame], Awaitable[None]],
+    ) -> None:
+        """Forward the op request to usbipd and hand its reply to `answer`; every way it
+        can fail becomes the session's outcome; both ends are closed at the end."""
+        upstream = await self._connect_upstream(session)
+        if upstream is None:
+            await self._refuse(client, splice, refusal)
+            return
+        what = "DEVLIST" if isinstance(refusal, OpReplyDevlist) else "IMPORT"
+        try:
+            await upstream.send_all(request.raw)
+            with trio.fail_after(self.config.request_timeout):
+                reply = await receive_frame(splice, Role.SERVER, upstream)
+            if isinstance(reply, ConnectionClosed):
+                session.outcome = f"usbipd closed without answering the {what} request"
+                return
+            session.observe(Role.SERVER, reply, trio.current_time())
+            await answer(upstream, reply)
         except ProtocolError as exc:
             session.outcome = f"protocol error from usbipd: {exc}"
         except trio.TooSlowError:
-            session.outcome = "usbipd did not answer the IMPORT request"
+            session.outcome = f"usbipd did not answer the {what} request"
         except _LOST as exc:
             session.outcome = f"connection lost: {exc}"
         finally:
             await close_all(client, upstream)
 
     def _confirm(
-        self, verdict: Verdict, identity: PeerIdentity, busid: str, reply: Frame
+        self, verdict: Verdict, identity: PeerIdentity, reply: Frame
     ) -> DeviceFacts | None:
         """The facts of the device usbipd actually handed over, if still allowed."""
         assert isinstance(reply.event, OpReplyImport)
