@@ -8,7 +8,6 @@ plus serial/manufacturer/product strings from sysfs. Every decision is audited.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from gateway.audit import AuditLog
 from gateway.facts import StringSource
 from gateway.policy import ClientFacts, Decision, DeviceFacts, Policy, PolicyError, Target
 from gateway.protocol import DeviceInfo, ExportedDevice, InterfaceInfo, OpStatus
+from gateway.reloading import FileSignatures
 from gateway.transport.tls import PeerIdentity
 
 log = logging.getLogger("gateway.access")
@@ -36,7 +36,7 @@ class PolicyFile:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.generation = 0
-        self._signature: tuple[int, int, int] | None = None
+        self.files = FileSignatures([path])
         if path is None:
             self.policy = Policy.parse(ALLOW_ALL_TEXT, "<no policy: every client allowed>")
         else:
@@ -45,20 +45,11 @@ class PolicyFile:
 
     def _read(self) -> Policy:
         assert self.path is not None
-        stat = os.stat(self.path)
+        # Whatever happens next, this version of the file has been judged: a broken one
+        # is reported once, not again at every poll until it is fixed.
+        self.files.changed()
         text = self.path.read_text(encoding="utf-8")
-        policy = Policy.parse(text, str(self.path))
-        self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        return policy
-
-    def changed_on_disk(self) -> bool:
-        if self.path is None:
-            return False
-        try:
-            stat = os.stat(self.path)
-        except OSError:
-            return False  # a file being replaced; the next poll sees the new one
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._signature
+        return Policy.parse(text, str(self.path))
 
     def reload(self) -> bool:
         """True if a new policy is in force; False (logged) if the old one stays."""

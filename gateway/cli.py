@@ -19,6 +19,7 @@ from gateway.config import ClientConfig, ConfigError, ServerConfig, load
 from gateway.logs import setup_logging
 from gateway.policy import PolicyError
 from gateway.policy.cli import add_policy_parser
+from gateway.reloading import reload_tls
 from gateway.server import ServerGateway
 from gateway.sim.cli import add_sim_parser
 from gateway.transport.tls import TLSConfigError
@@ -98,12 +99,7 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def reload(gateway: ServerGateway | ClientGateway) -> None:
     """What SIGHUP does: certificates and CA for new connections, and the policy."""
-    tls = gateway.tls
-    try:
-        tls.reload()
-        log.info("reloaded TLS certificates (generation %d)", tls.generation)
-    except TLSConfigError as exc:
-        log.error("TLS reload failed, keeping the previous certificates: %s", exc)
+    reload_tls(gateway.tls)
     if isinstance(gateway, ServerGateway):
         gateway.reload_policy()
 

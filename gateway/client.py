@@ -17,6 +17,7 @@ from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay import close_all, log_session_end, relay
+from gateway.reloading import watch_tls
 from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
@@ -75,6 +76,8 @@ class ClientGateway:
         async with trio.open_nursery() as nursery:
             if self.config.metrics.listen is not None:
                 await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
+            if self.config.tls.watch:
+                nursery.start_soon(watch_tls, self.tls, self.config.tls)
             await nursery.start(self.acceptor.run, listeners)
             self.metrics.listening = True
             task_status.started(listeners)

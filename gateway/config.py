@@ -81,6 +81,8 @@ class TLSSettings:
     ca: Path
     min_version: Literal["1.2", "1.3"] = "1.3"
     crl: Path | None = None  # PEM CRL from the CA; reloaded on SIGHUP like the rest
+    watch: bool = True  # also reload when any of these files changes (cert renewals)
+    watch_interval: float = 5.0
 
     @property
     def version(self) -> ssl.TLSVersion:
@@ -291,6 +293,8 @@ def _tls(table: _Table, base: Path) -> TLSSettings:
         ca=table.path("ca", base),
         min_version=table.choice("min_version", ("1.2", "1.3"), "1.3"),  # type: ignore[arg-type]
         crl=table.path("crl", base) if table.has("crl") else None,
+        watch=table.boolean("watch", True),
+        watch_interval=table.number("watch_interval", 5.0),
     )
     table.done()
     return tls

@@ -37,6 +37,7 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay import close_all, log_session_end, receive_frame, relay
+from gateway.reloading import watch, watch_tls
 from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
@@ -129,7 +130,9 @@ class ServerGateway:
             if self.config.metrics.listen is not None:
                 await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
             if self.config.policy.file is not None and self.config.policy.watch:
-                nursery.start_soon(self._watch_policy)
+                nursery.start_soon(self.watch_policy)
+            if self.config.tls.watch:
+                nursery.start_soon(watch_tls, self.tls, self.config.tls)
             await nursery.start(self.acceptor.run, listeners)
             self.metrics.listening = True
             for listener in listeners:
@@ -172,11 +175,9 @@ class ServerGateway:
                 )
         return True
 
-    async def _watch_policy(self) -> None:
-        while True:
-            await trio.sleep(self.config.policy.watch_interval)
-            if self.access.policy.changed_on_disk():
-                self.reload_policy()
+    async def watch_policy(self) -> None:
+        """Reload the policy whenever its file changes."""
+        await watch(self.access.policy.files, self.config.policy.watch_interval, self.reload_policy)
 
     # -- one connection
 

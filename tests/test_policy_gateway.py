@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, replace
 from functools import partial
@@ -238,7 +239,9 @@ async def test_an_urb_for_another_device_closes_the_session(lab: Lab) -> None:
     assert lab.sim.bytes_received == received  # not one byte of it reached usbipd
 
 
-async def test_the_policy_file_is_watched(pki: PKI, tmp_path: Path, autojump_clock: object) -> None:
+async def test_the_policy_file_is_watched(
+    pki: PKI, tmp_path: Path, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
     rules = tmp_path / "policy.rules"
     rules.write_text(POLICY)
     config = replace(
@@ -247,13 +250,15 @@ async def test_the_policy_file_is_watched(pki: PKI, tmp_path: Path, autojump_clo
     )
     server = ServerGateway(config)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server._watch_policy)
+        nursery.start_soon(server.watch_policy)
         await trio.sleep(5)
         assert server.access.policy.generation == 1  # unchanged file: no reload
         rules.write_text(REVOKE_ALICE)
         await trio.sleep(5)
         assert server.access.policy.generation == 2
-        rules.write_text("allow nonsense\n")
-        await trio.sleep(5)
+        with caplog.at_level(logging.ERROR, "gateway.access"):
+            rules.write_text("allow nonsense\n")
+            await trio.sleep(10)
         assert server.access.policy.generation == 2  # broken: the old policy stays
+        assert caplog.text.count("policy reload failed") == 1  # said once, not every poll
         nursery.cancel_scope.cancel()

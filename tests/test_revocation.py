@@ -15,6 +15,8 @@ from gateway.client import ClientGateway
 from gateway.config import Address, ClientConfig, TLSSettings
 from gateway.demo import start_stack
 from gateway.protocol import Direction
+from gateway.reloading import watch_tls
+from gateway.transport.tls import ReloadableContext
 from gateway.usbip_client import import_device, list_devices
 
 
@@ -106,3 +108,24 @@ def test_revoking_a_certificate_from_another_ca_is_refused(
     assert certs("issue", "--dir", str(other), "--kind", "client", "--name", "x") == 0
     assert certs("revoke", "--dir", str(pki), str(other / "x.pem")) == 2
     assert "was not issued by the CA" in capsys.readouterr().err
+
+
+async def test_renewed_certificates_are_loaded_without_a_signal(
+    pki: Path, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = tls(pki, "server", crl=True)
+    context = ReloadableContext.server(settings.cert, settings.key, settings.ca, crl=settings.crl)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_tls, context, settings)
+        await trio.sleep(3 * settings.watch_interval)
+        assert context.generation == 1  # nothing changed
+        assert certs("issue", "--dir", str(pki), "--kind", "server", "--name", "server",
+                     "--dns", "localhost", "--force") == 0  # fmt: skip
+        await trio.sleep(2 * settings.watch_interval)
+        assert context.generation == 2  # renewed, picked up
+        with caplog.at_level(logging.ERROR, "gateway.reload"):
+            (pki / "crl.pem").write_text("garbage\n")
+            await trio.sleep(4 * settings.watch_interval)
+        assert context.generation == 2  # a broken file keeps the old context...
+        assert caplog.text.count("TLS reload failed") == 1  # ...and is reported once
+        nursery.cancel_scope.cancel()
