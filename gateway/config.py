@@ -145,6 +145,40 @@ class TransportSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ExporterSettings:
+    """Server: bind devices to usbip-host as they appear (docs/zero-touch.md)."""
+
+    enabled: bool = False
+    interval: float = 1.0  # seconds between sysfs scans
+    sysfs: Path = Path("/sys")
+    method: Literal["command", "sysfs"] = "command"  # `usbip bind -b`, or the sysfs files
+    usbip: tuple[str, ...] = ("usbip",)  # the usbip command (argv prefix)
+    hide: tuple[str, ...] = ()  # rule attributes (policy language); matching devices stay
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    """Server: announce the gateway with DNS-SD over mDNS (docs/zero-touch.md)."""
+
+    announce: bool = False
+    name: str = ""  # instance name; the host name when empty
+    interfaces: tuple[str, ...] = ()  # addresses to announce on; all when empty
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Client: attach the selected devices of the server by itself (docs/zero-touch.md)."""
+
+    enabled: bool = False
+    interval: float = 1.0  # seconds between device lists while the link is up
+    backoff_max: float = 30.0  # the longest wait between tries while it is down
+    select: tuple[str, ...] = ("allow",)  # policy rules; `allow` attaches
+    usbip: tuple[str, ...] = ("usbip",)
+    vhci: Path = Path("/sys/devices/platform")  # where vhci_hcd.N/status are
+    state_dir: Path = Path("/var/run/vhci_hcd")  # what `usbip attach` records per port
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The server gateway: mutual TLS in, usbipd on loopback out."""
 
@@ -163,6 +197,8 @@ class ServerConfig:
     transport: TransportSettings = field(default_factory=TransportSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    exporter: ExporterSettings = field(default_factory=ExporterSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +218,7 @@ class ClientConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
 
 
 # ------------------------------------------------------------------ reading
@@ -371,6 +408,78 @@ def _transport(table: _Table) -> TransportSettings:
     return settings
 
 
+def _strings(
+    table: _Table, name: str, default: tuple[str, ...], *, empty: bool = True
+) -> tuple[str, ...]:
+    value = table.raw(name)
+    if value is None:
+        return default
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ConfigError(table.key(name), "must be a string or a list of non-empty strings")
+    if not items and not empty:
+        raise ConfigError(table.key(name), "must not be empty")
+    return tuple(items)
+
+
+def _rules(table: _Table, name: str, default: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """Lines in the policy language, checked now so a typo is a config error."""
+    from gateway.policy import Policy, PolicyError  # noqa: PLC0415 - policy imports late
+
+    lines = _strings(table, name, default)
+    try:
+        Policy.parse("".join(f"{prefix}{line}\n" for line in lines), table.key(name))
+    except PolicyError as exc:
+        raise ConfigError(table.key(name), f"entry {exc.line}: {exc.message}") from None
+    return lines
+
+
+def _exporter(table: _Table, base: Path) -> ExporterSettings:
+    d = ExporterSettings()
+    sysfs = Path(table.string("sysfs", str(d.sysfs)))
+    settings = ExporterSettings(
+        enabled=table.boolean("enabled", d.enabled),
+        interval=table.number("interval", d.interval),
+        sysfs=sysfs if sysfs.is_absolute() else base / sysfs,
+        method=table.choice("method", ("command", "sysfs"), d.method),  # type: ignore[arg-type]
+        usbip=_strings(table, "usbip", d.usbip, empty=False),
+        hide=_rules(table, "hide", d.hide, "reject "),
+    )
+    table.done()
+    return settings
+
+
+def _discovery(table: _Table) -> DiscoverySettings:
+    d = DiscoverySettings()
+    settings = DiscoverySettings(
+        announce=table.boolean("announce", d.announce),
+        name=table.string("name", "") if table.has("name") else d.name,
+        interfaces=_strings(table, "interfaces", d.interfaces),
+    )
+    table.done()
+    return settings
+
+
+def _agent(table: _Table, base: Path) -> AgentSettings:
+    d = AgentSettings()
+
+    def directory(name: str, default: Path) -> Path:
+        path = Path(table.string(name, str(default)))
+        return path if path.is_absolute() else base / path
+
+    settings = AgentSettings(
+        enabled=table.boolean("enabled", d.enabled),
+        interval=table.number("interval", d.interval),
+        backoff_max=table.number("backoff_max", d.backoff_max),
+        select=_rules(table, "select", d.select, ""),
+        usbip=_strings(table, "usbip", d.usbip, empty=False),
+        vhci=directory("vhci", d.vhci),
+        state_dir=directory("state_dir", d.state_dir),
+    )
+    table.done()
+    return settings
+
+
 def read_toml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -418,6 +527,8 @@ def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConf
         transport=_transport(top.table("transport")),
         policy=_policy(top.table("policy"), base),
         audit=_audit(top.table("audit")),
+        exporter=_exporter(top.table("exporter"), base),
+        discovery=_discovery(top.table("discovery")),
     )
     section.done()
     top.done()
@@ -442,6 +553,7 @@ def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConf
         metrics=_metrics(top.table("metrics")),
         compression=_compression(top.table("compression")),
         transport=_transport(top.table("transport")),
+        agent=_agent(top.table("agent"), base),
     )
     section.done()
     top.done()
