@@ -140,11 +140,16 @@ class Launcher:
         logs.mkdir(parents=True, exist_ok=True)
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        return subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env
-        )
+        with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its copy
+            return subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=env,
+            )
 
     async def sim(self, devices: int) -> Path_:
         port = free_port()
