@@ -13,9 +13,11 @@ from typing import Any
 import trio
 
 from gateway import __version__
+from gateway.agent import run_companions
 from gateway.certificates import add_certs_parser
 from gateway.client import ClientGateway
 from gateway.config import ClientConfig, ConfigError, ServerConfig, load
+from gateway.discovery import add_discover_parser
 from gateway.logs import setup_logging
 from gateway.policy import PolicyError
 from gateway.policy.cli import add_policy_parser
@@ -129,7 +131,8 @@ async def _run(gateway: ServerGateway | ClientGateway) -> int:
     outcome: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome)
-        await nursery.start(gateway.serve)
+        listeners = await nursery.start(gateway.serve)
+        await nursery.start(run_companions, gateway, listeners)
     return outcome[0] if outcome else 0
 
 
@@ -149,7 +152,11 @@ def _role_overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
             "policy.file": args.policy,
             "audit.path": args.audit_log,
         }
-    return {"client.server": args.server, "client.server_name": args.server_name}
+    return {
+        "client.server": args.server,
+        "client.server_name": args.server_name,
+        "agent.enabled": args.agent,
+    }
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -200,11 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--server-name", help="name the server certificate must carry (default: its host)"
     )
+    client.add_argument(
+        "--agent",
+        action="store_const",
+        const=True,
+        help="attach the server's selected devices by itself ([agent], docs/zero-touch.md)",
+    )
     client.set_defaults(func=_cmd_gateway)
 
     add_certs_parser(sub)
     add_policy_parser(sub)
     add_sim_parser(sub)
+    add_discover_parser(sub)
     from gateway.demo import add_demo_parser  # noqa: PLC0415 - the demo pulls in everything
 
     add_demo_parser(sub)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -133,6 +133,8 @@ class GatewayMetrics:
         self._finished_bytes = {"client": 0, "server": 0}
         self._finished_abandoned = 0
         self._policy: dict[tuple[str, str, str], int] = {}
+        # Extra /status sections from what runs beside the gateway (exporter, agent).
+        self.status_sections: dict[str, Callable[[], Any]] = {}
 
         self.registry = registry = CollectorRegistry(auto_describe=True)
         p = PREFIX
@@ -365,7 +367,7 @@ class GatewayMetrics:
             "listening": self.listening,
             "upstream_up": None if self.upstream is None else self.upstream.up,
             "sessions": [_session_status(s) for s in list(self.sessions.values())],
-        }
+        } | {name: section() for name, section in self.status_sections.items()}
 
 
 def _session_status(session: Session) -> dict[str, Any]:
