@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from gateway.agent import Agent, read_vhci
+from gateway.cli import build_parser
 from gateway.client import ClientGateway
 from gateway.config import (
     Address,
@@ -191,6 +192,7 @@ async def test_device_comes_back_after_the_link_is_cut_and_restored(
                 await world.agent.wait_round()
     await _until_attached(world, "1-2")
     took = trio.current_time() - start
+    logging.getLogger("test").info("restored -> attached: %.2fs", took)
     # Next try within backoff_max, then one round to attach.
     assert took < 1.0 + TARGET
     assert world.agent.link == "up"
@@ -249,3 +251,11 @@ def test_agent_settings_are_read_from_the_client_config(tmp_path: Path, pki: PKI
     data["agent"] = {"select": ["allow id 0781"]}
     with pytest.raises(ConfigError, match=r"^agent\.select: entry 1: expected VID:PID"):
         client_config(data, tmp_path)
+
+
+def test_command_line_has_agent_and_discover() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["client", "--agent"]).agent is True
+    assert parser.parse_args(["client"]).agent is None  # the file decides
+    args = parser.parse_args(["discover", "--timeout", "1", "--interface", "127.0.0.1"])
+    assert (args.timeout, args.interface, args.json) == (1.0, ["127.0.0.1"], False)
