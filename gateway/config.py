@@ -508,23 +508,30 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
+def _common(top: _Table, section: _Table, base: Path) -> dict[str, Any]:
+    """The settings both roles have, read from their own tables."""
+    return {
+        "tls": _tls(top.table("tls"), base),
+        "handshake_timeout": section.number("handshake_timeout", 10.0),
+        "connect_timeout": section.number("connect_timeout", 5.0),
+        "max_connections": section.integer("max_connections", 1024),
+        "shutdown_timeout": section.number("shutdown_timeout", 30.0),
+        "limits": _limits(top.table("limits")),
+        "log": _log(top.table("log")),
+        "metrics": _metrics(top.table("metrics")),
+        "compression": _compression(top.table("compression")),
+        "transport": _transport(top.table("transport")),
+    }
+
+
 def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConfig:
     top = _Table(data, "")
     section = top.table("server")
     config = ServerConfig(
-        tls=_tls(top.table("tls"), base),
+        **_common(top, section, base),
         listen=section.addresses("listen", (Address("0.0.0.0", DEFAULT_PORT),)),
         upstream=parse_address(section.string("upstream", "127.0.0.1:3240"), "server.upstream"),
-        handshake_timeout=section.number("handshake_timeout", 10.0),
         request_timeout=section.number("request_timeout", 30.0),
-        connect_timeout=section.number("connect_timeout", 5.0),
-        max_connections=section.integer("max_connections", 1024),
-        shutdown_timeout=section.number("shutdown_timeout", 30.0),
-        limits=_limits(top.table("limits")),
-        log=_log(top.table("log")),
-        metrics=_metrics(top.table("metrics")),
-        compression=_compression(top.table("compression")),
-        transport=_transport(top.table("transport")),
         policy=_policy(top.table("policy"), base),
         audit=_audit(top.table("audit")),
         exporter=_exporter(top.table("exporter"), base),
@@ -540,19 +547,10 @@ def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConf
     section = top.table("client")
     server = parse_address(section.string("server"), "client.server")
     config = ClientConfig(
-        tls=_tls(top.table("tls"), base),
+        **_common(top, section, base),
         server=server,
         server_name=section.string("server_name", server.host),
         listen=section.addresses("listen", (Address("127.0.0.1", DEFAULT_PORT),)),
-        handshake_timeout=section.number("handshake_timeout", 10.0),
-        connect_timeout=section.number("connect_timeout", 5.0),
-        max_connections=section.integer("max_connections", 1024),
-        shutdown_timeout=section.number("shutdown_timeout", 30.0),
-        limits=_limits(top.table("limits")),
-        log=_log(top.table("log")),
-        metrics=_metrics(top.table("metrics")),
-        compression=_compression(top.table("compression")),
-        transport=_transport(top.table("transport")),
         agent=_agent(top.table("agent"), base),
     )
     section.done()
