@@ -40,6 +40,14 @@ def test_usbtest_gadget_direct(
     print(summary(cases))
     timings("qemu wall", res.wall_seconds)
     timings("guest ready (uptime)", res.boot_seconds)
+    # The same record as the gateway run, so the two can be read side by side.
+    timings(
+        "usbtest direct: passed", " ".join(str(c) for c, v in cases.items() if v.startswith("pass"))
+    )
+    timings(
+        "usbtest direct: not passed",
+        "; ".join(f"{c}={v}" for c, v in cases.items() if not v.startswith("pass")),
+    )
     check_cases(res, cases, BULK_CONTROL_CASES)
     assert res["gadget_local_drivers"].endswith(":usbtest")
     assert res["direct_drivers"].endswith(":usbtest"), res.diagnosis()
