@@ -17,6 +17,7 @@ import trio
 from gateway.logs import kv
 from gateway.protocol import ConnectionClosed, Frame, NeedData, ProtocolError, Role, Splice
 from gateway.session import Session
+from gateway.transport.direct import direct_io
 
 log = logging.getLogger("gateway.relay")
 
@@ -76,6 +77,7 @@ async def relay(
 ) -> str:
     """Run both pumps until either side ends; close both; return the outcome."""
     outcome = "cancelled (gateway stopping)"
+    client, server = direct_io(client), direct_io(server)
 
     async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         nonlocal outcome
