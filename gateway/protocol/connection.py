@@ -74,60 +74,87 @@ class Frame:
     urb: PendingUrb | None = None
 
 
-def _iso_packets(buf: bytearray, offset: int, count: int) -> tuple[IsoPacket, ...]:
+def _iso_packets(buf: bytes | bytearray, offset: int, count: int) -> tuple[IsoPacket, ...]:
     unpack = ISO_DESCRIPTOR.unpack_from
     size = ISO_DESCRIPTOR.size
     return tuple(IsoPacket(*unpack(buf, offset + i * size)) for i in range(count))
 
 
-def _take(buf: bytearray, start: int, end: int) -> bytes:
+def _take(buf: bytes | bytearray, start: int, end: int) -> bytes:
+    if start == end:
+        return b""
+    if start == 0 and end == len(buf) and type(buf) is bytes:
+        return buf  # a whole received chunk: no copy
     with memoryview(buf) as view:
         return view[start:end].tobytes()
 
 
 class _Reader:
-    """Buffers one direction's bytes and cuts whole messages off its front."""
+    """Buffers one direction's bytes and cuts whole messages off its front.
+
+    Messages are read at an offset (`_pos`) rather than cut off the buffer one by one;
+    the consumed front is dropped once per `feed`. A chunk that arrives when nothing is
+    pending becomes the buffer as it is, so a message that fills it is taken uncopied.
+    """
 
     def __init__(self, sender: Role) -> None:
         self.sender = sender
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
         self._eof = False
-        self._need = 1  # bytes to wait for before trying again; a hint only
+        self._need = 1  # bytes past `_pos` to wait for before trying again; a hint only
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
             if data:
                 raise LocalProtocolError("data received after end of stream")
             return
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+        elif self._pos >= len(self._buf):
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        else:
+            buf = self._buf
+            if isinstance(buf, bytearray):
+                if self._pos:
+                    del buf[: self._pos]
+            else:
+                buf = bytearray(memoryview(buf)[self._pos :])
+            buf += data
+            self._buf = buf
+            self._pos = 0
+
+    def _compact(self) -> None:
+        if self._pos:
+            self._buf = self._buf[self._pos :]
+            self._pos = 0
 
     def next(
         self, state: ProtocolState, keep_raw: bool
     ) -> tuple[Event, bytes, PendingUrb | None] | NeedData:
         if state.phase is Phase.ERROR:
             raise RemoteProtocolError("the connection already failed")
-        buf = self._buf
-        if len(buf) >= self._need:
+        if len(self._buf) - self._pos >= self._need:
             parsed = self._parse(state)
             if parsed is not None:
                 event, end = parsed
-                raw = _take(buf, 0, end) if keep_raw else b""
-                del buf[:end]
+                start = self._pos  # after `_parse`, which may have compacted the buffer
+                raw = _take(self._buf, start, end) if keep_raw else b""
+                self._pos = end
                 self._need = 1
                 return event, raw, state.apply(self.sender, event, RemoteProtocolError)
         if self._eof:
-            if buf:
+            left = len(self._buf) - self._pos
+            if left:
                 state.phase = Phase.ERROR
                 raise RemoteProtocolError(
                     f"the {self.sender.value} closed the connection mid-message "
-                    f"({len(buf)} bytes unparsed)"
+                    f"({left} bytes unparsed)"
                 )
             return ConnectionClosed(), b"", None
         return NEED_DATA
@@ -137,6 +164,7 @@ class _Reader:
         client = self.sender is Role.CLIENT
         if phase is Phase.URB:
             return self._parse_cmd(state) if client else self._parse_ret(state)
+        self._compact()  # the op phase reads from the front
         if phase is Phase.OP_REQUEST and client:
             return self._parse_request()
         if phase is Phase.DEVLIST_REPLY and not client:
@@ -147,7 +175,7 @@ class _Reader:
             raise RemoteProtocolError("the connection already failed")
         state.phase = Phase.ERROR
         raise RemoteProtocolError(
-            f"the {self.sender.value} sent {len(self._buf)} bytes in phase {phase.value}, "
+            f"the {self.sender.value} sent {self.buffered} bytes in phase {phase.value}, "
             "where it has nothing to say"
         )
 
@@ -236,10 +264,10 @@ class _Reader:
     # -- URB phase
 
     def _urb_command(self) -> int | None:
-        if len(self._buf) < URB_HEADER_SIZE:
+        if len(self._buf) - self._pos < URB_HEADER_SIZE:
             self._need = URB_HEADER_SIZE
             return None
-        command: int = _U32.unpack_from(self._buf)[0]
+        command: int = _U32.unpack_from(self._buf, self._pos)[0]
         return command
 
     def _parse_cmd(self, state: ProtocolState) -> tuple[Event, int] | None:
@@ -247,9 +275,10 @@ class _Reader:
         if command is None:
             return None
         buf = self._buf
+        pos = self._pos
         if command == UrbCommand.CMD_SUBMIT:
             (_, seqnum, devid, direction, ep, flags, length, start, np, interval, setup) = (
-                CMD_SUBMIT_HEADER.unpack_from(buf)
+                CMD_SUBMIT_HEADER.unpack_from(buf, pos)
             )
             if direction not in (Direction.OUT, Direction.IN):
                 raise RemoteProtocolError(f"CMD_SUBMIT direction {direction} is neither 0 nor 1")
@@ -267,10 +296,10 @@ class _Reader:
                     f"{np if np != NO_ISO_PACKETS else -1} ISO packets is outside "
                     f"1..{state.limits.max_iso_packets}"
                 )
-            data_end = URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
+            data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
             if len(buf) < end:
-                self._need = end
+                self._need = end - pos
                 return None
             try:
                 event: Event = CmdSubmit(
@@ -284,15 +313,15 @@ class _Reader:
                     number_of_packets=np,
                     interval=interval,
                     setup=setup,
-                    data=_take(buf, URB_HEADER_SIZE, data_end),
+                    data=_take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if iso else (),
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
         if command == UrbCommand.CMD_UNLINK:
-            _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf)
-            return CmdUnlink(seqnum, unlink, devid, direction, ep), URB_HEADER_SIZE
+            _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf, pos)
+            return CmdUnlink(seqnum, unlink, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the client (expected CMD_*)")
 
     def _parse_ret(self, state: ProtocolState) -> tuple[Event, int] | None:
@@ -300,9 +329,10 @@ class _Reader:
         if command is None:
             return None
         buf = self._buf
+        pos = self._pos
         if command == UrbCommand.RET_SUBMIT:
             (_, seqnum, devid, direction, ep, status, actual, start, np, errors) = (
-                RET_SUBMIT_HEADER.unpack_from(buf)
+                RET_SUBMIT_HEADER.unpack_from(buf, pos)
             )
             urb = state.pending.get(seqnum)
             if urb is None:
@@ -316,10 +346,10 @@ class _Reader:
                 raise RemoteProtocolError(
                     f"RET_SUBMIT has {np} ISO packets, the URB had {urb.number_of_packets}"
                 )
-            data_end = URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
+            data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
             if len(buf) < end:
-                self._need = end
+                self._need = end - pos
                 return None
             try:
                 event: Event = RetSubmit(
@@ -329,7 +359,7 @@ class _Reader:
                     start_frame=start,
                     number_of_packets=np,
                     error_count=errors,
-                    data=_take(buf, URB_HEADER_SIZE, data_end),
+                    data=_take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if urb.iso else (),
                     devid=devid,
                     direction=direction,
@@ -339,8 +369,8 @@ class _Reader:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
         if command == UrbCommand.RET_UNLINK:
-            _, seqnum, devid, direction, ep, status = RET_UNLINK_HEADER.unpack_from(buf)
-            return RetUnlink(seqnum, status, devid, direction, ep), URB_HEADER_SIZE
+            _, seqnum, devid, direction, ep, status = RET_UNLINK_HEADER.unpack_from(buf, pos)
+            return RetUnlink(seqnum, status, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the server (expected RET_*)")
 
 

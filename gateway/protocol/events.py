@@ -148,18 +148,28 @@ class CmdSubmit:
     iso_packets: tuple[IsoPacket, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        _check_u32(
-            "CmdSubmit",
-            seqnum=self.seqnum,
-            devid=self.devid,
-            transfer_flags=self.transfer_flags,
-            number_of_packets=self.number_of_packets,
-        )
-        _check_s32("CmdSubmit", start_frame=self.start_frame, interval=self.interval)
-        if self.direction not in (Direction.OUT, Direction.IN):
-            raise LocalProtocolError(f"direction {self.direction} is neither OUT nor IN")
-        # A plain 0 or 1 is accepted; store the enum so `.name` works everywhere downstream.
-        object.__setattr__(self, "direction", Direction(self.direction))
+        # One chained test on the per-URB path; the checks name the culprit on failure.
+        if not (
+            0 <= self.seqnum <= _U32
+            and 0 <= self.devid <= _U32
+            and 0 <= self.transfer_flags <= _U32
+            and 0 <= self.number_of_packets <= _U32
+            and _S32_MIN <= self.start_frame <= _S32_MAX
+            and _S32_MIN <= self.interval <= _S32_MAX
+        ):
+            _check_u32(
+                "CmdSubmit",
+                seqnum=self.seqnum,
+                devid=self.devid,
+                transfer_flags=self.transfer_flags,
+                number_of_packets=self.number_of_packets,
+            )
+            _check_s32("CmdSubmit", start_frame=self.start_frame, interval=self.interval)
+        if type(self.direction) is not Direction:
+            if self.direction not in (Direction.OUT, Direction.IN):
+                raise LocalProtocolError(f"direction {self.direction} is neither OUT nor IN")
+            # A plain 0 or 1 is accepted; store the enum so `.name` works downstream.
+            object.__setattr__(self, "direction", Direction(self.direction))
         if not 0 <= self.ep <= 15:
             raise LocalProtocolError(f"endpoint {self.ep} is not 0..15")
         if not 0 <= self.transfer_buffer_length <= _S32_MAX:
@@ -217,20 +227,30 @@ class RetSubmit:
     ep: int = 0
 
     def __post_init__(self) -> None:
-        _check_u32(
-            "RetSubmit",
-            seqnum=self.seqnum,
-            number_of_packets=self.number_of_packets,
-            devid=self.devid,
-            direction=self.direction,
-            ep=self.ep,
-        )
-        _check_s32(
-            "RetSubmit",
-            status=self.status,
-            start_frame=self.start_frame,
-            error_count=self.error_count,
-        )
+        if not (
+            0 <= self.seqnum <= _U32
+            and 0 <= self.number_of_packets <= _U32
+            and 0 <= self.devid <= _U32
+            and 0 <= self.direction <= _U32
+            and 0 <= self.ep <= _U32
+            and _S32_MIN <= self.status <= _S32_MAX
+            and _S32_MIN <= self.start_frame <= _S32_MAX
+            and _S32_MIN <= self.error_count <= _S32_MAX
+        ):
+            _check_u32(
+                "RetSubmit",
+                seqnum=self.seqnum,
+                number_of_packets=self.number_of_packets,
+                devid=self.devid,
+                direction=self.direction,
+                ep=self.ep,
+            )
+            _check_s32(
+                "RetSubmit",
+                status=self.status,
+                start_frame=self.start_frame,
+                error_count=self.error_count,
+            )
         if not 0 <= self.actual_length <= _S32_MAX:
             raise LocalProtocolError("actual_length must be 0..2**31-1")
         if self.data and len(self.data) != self.actual_length:
