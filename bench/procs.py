@@ -139,15 +139,15 @@ class Launcher:
         self.pki = pki
         logs.mkdir(parents=True, exist_ok=True)
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+    def spawn(self, name: str, argv: list[str], root: Path = ROOT) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONPATH=str(root))
         with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its copy
             return subprocess.Popen(
                 argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=ROOT,
+                cwd=root,
                 env=env,
             )
 
@@ -197,10 +197,30 @@ class Launcher:
             await wait_listening(listen)
         return Path_("gateway plain", client, procs)
 
-    async def gateways(self, sim: Path_, *, zstd: bool) -> Path_:
+    async def gateways(self, sim: Path_, *, zstd: bool, root: Path = ROOT, tag: str = "") -> Path_:
+        """The gateway pair with mutual TLS; `root` holds the `gateway` package to run."""
         server, client = free_port(), free_port()
         extra = ["--compression", "zstd"] if zstd else []
-        tag = "gateway-tls-zstd" if zstd else "gateway-tls"
+        name = ("gateway mTLS+zstd" if zstd else "gateway mTLS") + tag
+        log = name.replace(" ", "-").replace("(", "").replace(")", "")
+        pki = self.pki
+        server_argv = [
+            sys.executable, "-m", "gateway", "server", "--listen", f"{LOOPBACK}:{server}",
+            "--upstream", f"{LOOPBACK}:{sim.port}", "--cert", str(pki / "server.pem"),
+            "--key", str(pki / "server.key"), "--ca", str(pki / "ca.pem"),
+            "--log-level", "warning", *extra,
+        ]  # fmt: skip
+        client_argv = [
+            sys.executable, "-m", "gateway", "client", "--listen", f"{LOOPBACK}:{client}",
+            "--server", f"{LOOPBACK}:{server}", "--server-name", "localhost",
+            "--cert", str(pki / "client.pem"), "--key", str(pki / "client.key"),
+            "--ca", str(pki / "ca.pem"), "--log-level", "warning", *extra,
+        ]  # fmt: skip
+        server_proc = self.spawn(f"{log}-server", server_argv, root)
+        await wait_listening(server)
+        client_proc = self.spawn(f"{log}-client", client_argv, root)
+        await wait_listening(client)
+        return Path_(name, client, [client_proc, server_proc])
         pki = self.pki
         server_proc = self.spawn(
             f"{tag}-server",

@@ -38,9 +38,10 @@ from typing import Any
 import trio
 
 from bench.loadgen import DIRECTIONS, Device, Result
-from bench.procs import Launcher, Path_, busid
+from bench.procs import ROOT, Launcher, Path_, busid
 
 PATHS = ("direct", "plain", "tls", "zstd", "stunnel", "socat")
+BEFORE = "tls-before"  # with --before DIR: the mTLS pair run from another tree
 SIZES = (512, 4096, 65536, 1048576)
 DEPTHS = (1, 8)
 FULL_SIZES = (512, 2048, 8192, 32768, 65536, 262144, 1048576)
@@ -63,6 +64,7 @@ class Options:
     session_seconds: float = 2.0
     session_rate: float = 20.0  # paced URBs per second per session
     out: Path = Path("results/bench")
+    before: Path | None = None  # a tree holding an earlier `gateway` package
 
 
 @dataclass
@@ -105,7 +107,11 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-async def start_paths(launcher: Launcher, sim: Path_, names: Sequence[str]) -> list[Path_]:
+async def start_paths(
+    launcher: Launcher, sim: Path_, names: Sequence[str], before: Path | None
+) -> list[Path_]:
+    if before is not None:
+        names = [*names, BEFORE]
     starters: dict[str, Callable[[], Awaitable[Path_]]] = {
         "direct": lambda: launcher.direct(sim),
         "plain": lambda: launcher.plain(sim),
@@ -113,6 +119,7 @@ async def start_paths(launcher: Launcher, sim: Path_, names: Sequence[str]) -> l
         "zstd": lambda: launcher.gateways(sim, zstd=True),
         "stunnel": lambda: launcher.stunnel(sim),
         "socat": lambda: launcher.socat(sim),
+        BEFORE: lambda: launcher.gateways(sim, zstd=False, root=before or ROOT, tag=" (before)"),
     }
     return [await starters[name]() for name in names]
 
@@ -219,10 +226,10 @@ async def bench(opts: Options, say: Callable[[str], None]) -> dict[str, PathFigu
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         make_demo_pki(Path(tmp) / "pki", force=True)
         launcher = Launcher(opts.out / "logs", Path(tmp) / "pki")
-        sim = await launcher.sim(max(opts.sessions, len(opts.paths)))
+        sim = await launcher.sim(max(opts.sessions, len(opts.paths) + 1))
         paths: list[Path_] = []
         try:
-            paths = await start_paths(launcher, sim, opts.paths)
+            paths = await start_paths(launcher, sim, opts.paths, opts.before)
             figures = {p.name: PathFigures(p.name) for p in paths}
             say(f"started {', '.join(p.name for p in paths)}")
             await single_session(opts, paths, figures, say)
@@ -395,6 +402,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=100, help="concurrent sessions (0: skip)")
     parser.add_argument("--session-seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="also run the mTLS pair from DIR/gateway (e.g. `git archive REV gateway`), "
+        "to compare a change side by side",
+    )
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -409,6 +423,7 @@ def options(args: argparse.Namespace) -> Options:
         sessions=args.sessions,
         session_seconds=args.session_seconds,
         out=args.out,
+        before=args.before,
     )
 
 
