@@ -423,7 +423,7 @@ def options(args: argparse.Namespace) -> Options:
         sessions=args.sessions,
         session_seconds=args.session_seconds,
         out=args.out,
-        before=args.before,
+        before=getattr(args, "before", None),
     )
 
 
