@@ -138,7 +138,14 @@ class Agent:
         """One look at the server; how long to wait before the next."""
         try:
             devices = await self.list()
-        except (OSError, HandshakeFailed, trio.TooSlowError, ConnectionError, ProtocolError) as exc:
+        except (
+            OSError,
+            HandshakeFailed,
+            trio.TooSlowError,
+            trio.BrokenResourceError,  # the link broke after the handshake, mid-list
+            ConnectionError,
+            ProtocolError,
+        ) as exc:
             why = str(exc) or type(exc).__name__
             self.failures += 1
             self.retry_in = min(
