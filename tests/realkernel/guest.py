@@ -175,6 +175,9 @@ class Guest:
         smp: int | None = None,
         memory_mb: int = 512,
         trace: bool = True,
+        host_root: bool = False,
+        monitor: Path | None = None,
+        hostfwd_guest_port: int = 3240,
     ) -> None:
         self.image = image
         self.workdir = workdir
@@ -186,6 +189,12 @@ class Guest:
         self.smp = smp if smp is not None else int(os.environ.get("USBIP_GW_GUEST_SMP", "2"))
         self.memory_mb = memory_mb
         self.trace = trace
+        # host_root: the host's / shared read-only (9p tag "hostroot"), so the guest can run
+        # the host's Python (rk_hostroot_mount, rk_hostroot_run in guestlib.sh).
+        self.host_root = host_root
+        # monitor: a unix socket for QEMU's human monitor (device_add at run time).
+        self.monitor = monitor
+        self.hostfwd_guest_port = hostfwd_guest_port
 
     # ------------------------------------------------------------------ preparation
     def prepare(self) -> None:
@@ -224,10 +233,17 @@ class Guest:
             "-virtfs",
             f"local,path={self.workdir},mount_tag=host,security_model=none",
             "-netdev",
-            f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.hostfwd_port}-:3240",
+            f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.hostfwd_port}-:{self.hostfwd_guest_port}",
             "-device", "virtio-net-pci,netdev=n0",
             "-device", "qemu-xhci,id=xhci",
         ]  # fmt: skip
+        if self.host_root:
+            cmd += [
+                "-virtfs",
+                "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            ]
+        if self.monitor is not None:
+            cmd += ["-monitor", f"unix:{self.monitor},server=on,wait=off"]
         for dev in self.devices:
             cmd += dev.args
         return cmd

@@ -324,3 +324,29 @@ rk_usbtest() { # PREFIX SYSFS_DEVICE_DIR CASES...: run testusb case by case
         fi
     done
 }
+
+# The host's root, shared read-only over 9p (Guest(host_root=True)), as a chroot in which
+# the host's Python runs: the guest's /proc, /sys and /dev bound in, tmpfs on /run and /tmp
+# (usbip attach records ports in /var/run/vhci_hcd).
+RK_HOSTROOT=/hostroot
+
+rk_hostroot_mount() {
+    local d
+    mkdir -p "$RK_HOSTROOT"
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro \
+        hostroot "$RK_HOSTROOT" || { rk_fail "cannot mount the 9p share 'hostroot'"; return 1; }
+    mount -t proc proc "$RK_HOSTROOT/proc" || { rk_fail "hostroot: mount proc"; return 1; }
+    for d in sys dev; do
+        mount -o bind "/$d" "$RK_HOSTROOT/$d" || { rk_fail "hostroot: bind /$d"; return 1; }
+    done
+    for d in run tmp; do
+        mount -t tmpfs tmpfs "$RK_HOSTROOT/$d" || { rk_fail "hostroot: tmpfs /$d"; return 1; }
+    done
+    mkdir -p "$RK_HOSTROOT/run/vhci_hcd"
+}
+
+rk_hostroot_run() { # CMD...: run CMD in the host's root (cwd $RK_REPO), with a clean env
+    chroot "$RK_HOSTROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+        /bin/sh -c 'cd "$0" && exec "$@"' "$RK_REPO" "$@"
+}
