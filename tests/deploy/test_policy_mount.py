@@ -52,14 +52,14 @@ def test_a_configmap_update_is_seen_and_loaded(tmp_path: Path) -> None:
     volume, first = configmap_volume(tmp_path, "default allow\n")
     policy = PolicyFile(volume / "policy.rules")
     assert default(policy) is Target.ALLOW
-    assert not policy.changed_on_disk()
+    assert not policy.files.changed()
 
     update(volume, first, "2026_01_01_00_01_00.000000002", "default block\n")
-    assert policy.changed_on_disk()
+    assert policy.files.changed()
     assert policy.reload()
     assert default(policy) == Target.BLOCK
     assert policy.generation == 2
-    assert not policy.changed_on_disk()
+    assert not policy.files.changed()
 
 
 def test_an_update_with_same_size_and_mtime_is_still_seen(tmp_path: Path) -> None:
@@ -71,14 +71,14 @@ def test_an_update_with_same_size_and_mtime_is_still_seen(tmp_path: Path) -> Non
     os.utime(new / "policy.rules", ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(volume / "policy.rules")
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    assert policy.changed_on_disk()  # the inode tells
+    assert policy.files.changed()  # the inode tells
 
 
 def test_a_broken_update_keeps_the_policy_in_force(tmp_path: Path) -> None:
     volume, first = configmap_volume(tmp_path, "default allow\n")
     policy = PolicyFile(volume / "policy.rules")
     update(volume, first, "2026_01_01_00_03_00.000000004", "allow frobnicate\n")
-    assert policy.changed_on_disk()
+    assert policy.files.changed()
     assert not policy.reload()
     assert default(policy) is Target.ALLOW
     assert policy.generation == 1
