@@ -233,7 +233,10 @@ class Exporter:
         return self.scans
 
     async def scan_once(self) -> None:
-        now = self.sysfs.scan()
+        # In a thread: the kernel takes the USB device lock to show `product`, `serial`
+        # and `manufacturer`, so a read waits while a device is being probed or reset.
+        # On the event loop that wait would stall every session of the gateway.
+        now = await trio.to_thread.run_sync(self.sysfs.scan, abandon_on_cancel=True)
         for busid in sorted(set(self.present) - set(now)):
             await self._gone(busid)
         for busid, device in sorted(now.items()):
