@@ -95,8 +95,14 @@ rk_result vhci_buses "$(echo /sys/devices/platform/vhci_hcd.*/usb[0-9]* | sed 's
 
 rk_hostroot_run "$RK_PY" -m gateway server --config "$RK_SHARED/server.toml" \
     > /host/gw-server.log 2>&1 &
+server_pid=$!
 rk_hostroot_run "$RK_PY" -m gateway client --config "$RK_SHARED/client.toml" \
     > /host/gw-client.log 2>&1 &
+client_pid=$!
+rk_alive() { # the two gateways still run (recorded; a failure if not)
+    kill -0 "$server_pid" || rk_fail "the server gateway exited"
+    kill -0 "$client_pid" || rk_fail "the client gateway exited"
+}
 rk_wait 90 grep -q "listening on" /host/gw-server.log \
     || { rk_fail "server gateway not listening within 90 s"; exit 1; }
 rk_wait 90 grep -q "listening on" /host/gw-client.log \
@@ -126,6 +132,7 @@ rk_result local_busid "${local_kbd##*/}"
 if ! rk_wait 30 rk_has_usb_device 0627 0001 vhci; then
     rk_result local_driver "$(basename "$(readlink "$local_kbd/driver")")"
     rk_fail "the keyboard was not attached on vhci within 30 s of being plugged"
+    rk_alive
     exit 1
 fi
 rk_mark attached
@@ -153,6 +160,7 @@ rk_request restore 20 || exit 1
 rk_mark restored
 if ! rk_wait 30 rk_has_usb_device 0627 0001 vhci; then
     rk_fail "the keyboard was not attached again within 30 s of the link coming back"
+    rk_alive
     exit 1
 fi
 rk_mark reattached
@@ -162,6 +170,7 @@ rk_mark reenumerated
 rk_result reattached_drivers "$(rk_interface_drivers "$kbd")"
 rk_result vhci_end "$(rk_vhci_total)"
 rk_result usbip_status "$(cat "/sys/bus/usb/devices/${local_kbd##*/}/usbip_status")"
+rk_alive
 """
 
 
