@@ -315,7 +315,7 @@ class Launcher:
                     name,
                     [
                         "socat",
-                        f"TCP-LISTEN:{listen},bind={LOOPBACK},reuseaddr,fork,nodelay",
+                        f"TCP-LISTEN:{listen},bind={LOOPBACK},reuseaddr,fork,nodelay,backlog=512",
                         f"TCP:{LOOPBACK}:{upstream},nodelay",
                     ],
                 )

@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from bench.loadgen import DIRECTIONS, Device, Result
+from bench.loadgen import DIRECTIONS, BenchError, Device, Result
 from bench.procs import ROOT, Launcher, Path_, busid
 
 PATHS = ("direct", "plain", "tls", "zstd", "stunnel", "socat")
@@ -62,7 +62,7 @@ class Options:
     unlinks: int = 50
     sessions: int = 100
     session_seconds: float = 2.0
-    session_rate: float = 20.0  # paced URBs per second per session
+    session_rate: float = 5.0  # paced URBs per second per session
     out: Path = Path("results/bench")
     before: Path | None = None  # a tree holding an earlier `gateway` package
 
@@ -85,6 +85,7 @@ class PathFigures:
     sessions_rtt_p99_us: float = 0.0
     sessions_errors: int = 0
     sessions_rss_mib: list[float] = field(default_factory=list)
+    session_failures: list[str] = field(default_factory=list)  # failed connects/imports
 
     def count(self, result: Result) -> None:
         self.urbs += result.urbs
@@ -171,8 +172,18 @@ async def single_session(
 async def many_sessions(opts: Options, path: Path_, fig: PathFigures) -> None:
     devices: list[Device] = []
 
+    limit = trio.CapacityLimiter(10)  # connections being set up at once
+
     async def open_one(i: int) -> None:
-        devices.append(await Device.open(path.port, busid(i), busy_timeout=30))
+        async with limit:
+            for attempt in range(3):
+                try:
+                    devices.append(await Device.open(path.port, busid(i), busy_timeout=30))
+                except (OSError, trio.BrokenResourceError, BenchError) as exc:
+                    fig.session_failures.append(f"session {i}, attempt {attempt + 1}: {exc}")
+                    await trio.sleep(0.2)
+                else:
+                    return
 
     async with trio.open_nursery() as nursery:
         for i in range(opts.sessions):
@@ -235,8 +246,16 @@ async def bench(opts: Options, say: Callable[[str], None]) -> dict[str, PathFigu
             await single_session(opts, paths, figures, say)
             if opts.sessions:
                 for path in paths:
-                    await many_sessions(opts, path, figures[path.name])
-                    say(f"{opts.sessions} sessions through {path.name}")
+                    fig = figures[path.name]
+                    try:
+                        await many_sessions(opts, path, fig)
+                    except* (OSError, trio.BrokenResourceError, BenchError) as group:
+                        fig.session_failures.append(repr(group.exceptions[0]))
+                        fig.sessions_errors += 1
+                    say(
+                        f"{fig.sessions} sessions through {path.name}, "
+                        f"{len(fig.session_failures)} failed connects"
+                    )
             dead = [p.name for p in [sim, *paths] if not p.alive()]
             if dead:
                 raise RuntimeError(f"processes of {dead} died; see {opts.out / 'logs'}")
@@ -328,8 +347,8 @@ def markdown(figures: dict[str, PathFigures], opts: Options, note: str) -> str:
             f"streaming 64 KiB URBs at depth 1 for {opts.session_seconds:g} s:",
             "",
             "| path | sessions | MiB/s total | RTT p50 µs | RTT p99 µs | p99 vs 1 session "
-            "| RSS MiB after | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| RSS MiB after | errors | failed connects |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, f in figures.items():
             rss = " + ".join(f"{r:.0f}" for r in f.sessions_rss_mib) or "-"
@@ -337,7 +356,7 @@ def markdown(figures: dict[str, PathFigures], opts: Options, note: str) -> str:
                 f"| {name} | {f.sessions} | {f.sessions_mib_s:.0f} | {f.sessions_rtt_p50_us:.0f} "
                 f"| {f.sessions_rtt_p99_us:.0f} "
                 f"| {_ratio(f.sessions_rtt_p99_us, median(f.rtt_p99_us))} | {rss} "
-                f"| {f.sessions_errors} |"
+                f"| {f.sessions_errors} | {len(f.session_failures)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -401,6 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-urbs", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=100, help="concurrent sessions (0: skip)")
     parser.add_argument("--session-seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--session-rate", type=float, default=5.0, help="paced 64 B URBs per second per session"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument(
         "--before",
@@ -422,6 +444,7 @@ def options(args: argparse.Namespace) -> Options:
         latency_urbs=args.latency_urbs,
         sessions=args.sessions,
         session_seconds=args.session_seconds,
+        session_rate=getattr(args, "session_rate", 5.0),
         out=args.out,
         before=getattr(args, "before", None),
     )

@@ -42,6 +42,7 @@ def test_tiny_grid_runs_every_path(tmp_path: Path) -> None:
         assert fig["verified"] >= fig["urbs"], name
         assert fig["unlinks_ok"] == 50, name
         assert fig["sessions"] == 3, name
+        assert fig["session_failures"] == [], name
         assert fig["sessions_mib_s"] > 0, name
         for point in ("512/1", "512/4", "65536/1", "65536/4"):
             (speed,) = fig["throughput"][point]
