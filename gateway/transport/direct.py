@@ -51,6 +51,8 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -75,6 +77,8 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
+        if self.socket.did_shutdown_SHUT_WR:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
         self._sending = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
