@@ -13,6 +13,7 @@ import pytest
 
 from bench import throughput
 
+
 def test_tiny_grid_runs_every_path(tmp_path: Path) -> None:
     missing = [tool for tool in ("stunnel", "socat") if shutil.which(tool) is None]
     if missing:
