@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from ..config import ConfigError, parse_address
 from ..protocol import DEFAULT_PORT
 from .catalog import DEVICE_NAMES, make_devices
 from .gadget_zero import Pattern
@@ -18,18 +19,12 @@ log = logging.getLogger("gateway.sim")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """HOST:PORT, [V6HOST]:PORT, or just HOST (port 3240)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
-        host, port = value, str(DEFAULT_PORT)
-    host = host.removeprefix("[").removesuffix("]")
+    """HOST:PORT, [V6HOST]:PORT, or just HOST (port 3240), as the gateways read them."""
     try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad port in {value!r}") from None
-    if not host or not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
-    return host, number
+        address = parse_address(value, "--listen")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+    return address.host, address.port
 
 
 def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:

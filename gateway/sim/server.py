@@ -40,6 +40,7 @@ from ..protocol import (
     RetUnlink,
     Role,
 )
+from ..transport.names import format_sockaddr
 from .catalog import make_devices
 from .device import SimDevice
 from .urb import EPROTO, Urb, UrbResult
@@ -54,7 +55,7 @@ _CONNECTION_LOST = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_sockaddr((host, port))
 
 
 class SimServer:
