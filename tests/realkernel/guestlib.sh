@@ -339,9 +339,15 @@ rk_hostroot_mount() {
     for d in sys dev; do
         mount -o bind "/$d" "$RK_HOSTROOT/$d" || { rk_fail "hostroot: bind /$d"; return 1; }
     done
+    # Fresh /run and /tmp for the guest, but the checkout may live under one of them
+    # (CI clones anywhere): keep it aside and put it back on top.
+    mkdir -p /rk-repo
+    mount -o bind "$RK_HOSTROOT$RK_REPO" /rk-repo || { rk_fail "hostroot: keep $RK_REPO"; return 1; }
     for d in run tmp; do
         mount -t tmpfs tmpfs "$RK_HOSTROOT/$d" || { rk_fail "hostroot: tmpfs /$d"; return 1; }
     done
+    mkdir -p "$RK_HOSTROOT$RK_REPO" 2> /dev/null
+    mount -o bind /rk-repo "$RK_HOSTROOT$RK_REPO" || { rk_fail "hostroot: put back $RK_REPO"; return 1; }
     mkdir -p "$RK_HOSTROOT/run/vhci_hcd"
 }
 
