@@ -82,6 +82,20 @@ def _start(processes: list[Process], *args: str) -> tuple[Process, int]:
     return process, process.wait_ready()
 
 
+def _start_client(processes: list[Process], pki: PKI, server_port: int) -> tuple[Process, int]:
+    """A client gateway from flags alone, to the server gateway on `server_port`."""
+    return _start(
+        processes,
+        "client",
+        "--listen", "127.0.0.1:0",
+        "--server", f"127.0.0.1:{server_port}",
+        "--server-name", "localhost",
+        "--cert", str(pki.client_cert),
+        "--key", str(pki.client_key),
+        "--ca", str(pki.ca_pem),
+    )  # fmt: skip
+
+
 def _usbip_list(port: int) -> str:
     usbip = "/usr/sbin/usbip"
     if not Path(usbip).exists():
@@ -107,16 +121,7 @@ def test_three_processes_from_config_and_flags(
     )
     server, server_port = _start(processes, "server", "--config", str(server_toml))
     # The client entirely from flags.
-    client, client_port = _start(
-        processes,
-        "client",
-        "--listen", "127.0.0.1:0",
-        "--server", f"127.0.0.1:{server_port}",
-        "--server-name", "localhost",
-        "--cert", str(pki.client_cert),
-        "--key", str(pki.client_key),
-        "--ca", str(pki.ca_pem),
-    )  # fmt: skip
+    client, client_port = _start_client(processes, pki, server_port)
     listing = _usbip_list(client_port)
     assert '1-1: Netchip Technology, Inc. : Linux-USB "Gadget Zero" (0525:a4a0)' in listing
 
@@ -198,16 +203,7 @@ def test_policy_on_serials_published_by_the_sim(
         f'[tls]\ncert = "{pki.server_cert}"\nkey = "{pki.server_key}"\nca = "{pki.ca_pem}"\n'
     )
     _, server_port = _start(processes, "server", "--config", str(server_toml))
-    _, client_port = _start(
-        processes,
-        "client",
-        "--listen", "127.0.0.1:0",
-        "--server", f"127.0.0.1:{server_port}",
-        "--server-name", "localhost",
-        "--cert", str(pki.client_cert),
-        "--key", str(pki.client_key),
-        "--ca", str(pki.ca_pem),
-    )  # fmt: skip
+    _, client_port = _start_client(processes, pki, server_port)
     listing = _usbip_list(client_port)
     assert "1-2:" in listing  # the loopback device, serial SIM-LB-0001
     assert "1-1:" not in listing
@@ -225,11 +221,7 @@ def test_sigterm_exits_1_when_sessions_outlive_the_shutdown_timeout(
         processes, "server", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{sim_port}",
         "--shutdown-timeout", "1", *tls,
     )  # fmt: skip
-    ctls = ["--cert", str(pki.client_cert), "--key", str(pki.client_key), "--ca", str(pki.ca_pem)]
-    client, client_port = _start(
-        processes, "client", "--listen", "127.0.0.1:0", "--server", f"127.0.0.1:{server_port}",
-        "--server-name", "localhost", *ctls,
-    )  # fmt: skip
+    client, client_port = _start_client(processes, pki, server_port)
     with socket.create_connection(("127.0.0.1", client_port), timeout=START_TIMEOUT) as held:
         held.sendall(b"\x01\x11\x80\x03\x00\x00\x00\x00" + b"1-2".ljust(32, b"\0"))
         reply = held.recv(8)

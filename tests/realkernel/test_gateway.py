@@ -35,6 +35,7 @@ from .usbtest import (
     UNLINK_CASES,
     case_results,
     check_cases,
+    record_cases,
     script_attach_and_test,
     script_gadget_side,
     script_iso_phase,
@@ -270,13 +271,7 @@ async def test_gateway_sim_usbtest(
     print("ISO (usbtest alt=1):\n" + summary(iso))
     timings("qemu wall", res.wall_seconds)
     timings("guest ready (uptime)", res.boot_seconds)
-    timings(
-        "usbtest sim: passed", " ".join(str(c) for c, v in cases.items() if v.startswith("pass"))
-    )
-    timings(
-        "usbtest sim: not passed",
-        "; ".join(f"{c}={v}" for c, v in cases.items() if not v.startswith("pass")),
-    )
+    record_cases(timings, "sim", cases)
     res.check()
     assert ":usbhid" in res["simkbd_drivers"], res.diagnosis()
     assert res["simkbd_inputs"], res.diagnosis()
@@ -317,13 +312,7 @@ async def test_gateway_gadget_usbtest(
     print(summary(cases))
     timings("qemu wall", res.wall_seconds)
     timings("guest ready (uptime)", res.boot_seconds)
-    timings(
-        "usbtest gadget: passed", " ".join(str(c) for c, v in cases.items() if v.startswith("pass"))
-    )
-    timings(
-        "usbtest gadget: not passed",
-        "; ".join(f"{c}={v}" for c, v in cases.items() if not v.startswith("pass")),
-    )
+    record_cases(timings, "gadget", cases)
     assert (res.get("gw_drivers") or "").endswith(":usbtest"), res.diagnosis()
     check_cases(res, cases, BULK_CONTROL_CASES)
     if "t_gw_tested" in res.results:

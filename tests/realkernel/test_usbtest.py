@@ -16,6 +16,7 @@ from .usbtest import (
     BULK_CONTROL_CASES,
     case_results,
     check_cases,
+    record_cases,
     script_attach_and_test,
     script_gadget_side,
     summary,
@@ -41,13 +42,7 @@ def test_usbtest_gadget_direct(
     timings("qemu wall", res.wall_seconds)
     timings("guest ready (uptime)", res.boot_seconds)
     # The same record as the gateway run, so the two can be read side by side.
-    timings(
-        "usbtest direct: passed", " ".join(str(c) for c, v in cases.items() if v.startswith("pass"))
-    )
-    timings(
-        "usbtest direct: not passed",
-        "; ".join(f"{c}={v}" for c, v in cases.items() if not v.startswith("pass")),
-    )
+    record_cases(timings, "direct", cases)
     check_cases(res, cases, BULK_CONTROL_CASES)
     assert res["gadget_local_drivers"].endswith(":usbtest")
     assert res["direct_drivers"].endswith(":usbtest"), res.diagnosis()

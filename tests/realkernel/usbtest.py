@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .guest import GuestResult
 
 # All of usbtest's cases in Linux 6.1 (0..29). Which apply depends on the device: testusb
@@ -134,3 +136,15 @@ def check_cases(res: GuestResult, cases: dict[int, str], required: tuple[int, ..
 
 def summary(cases: dict[int, str]) -> str:
     return "\n".join(f"  case {c:2d}: {v}" for c, v in cases.items())
+
+
+def record_cases(timings: Callable[[str, str], None], label: str, cases: dict[int, str]) -> None:
+    """Which cases passed and why the others did not, in the measurements table."""
+    timings(
+        f"usbtest {label}: passed",
+        " ".join(str(c) for c, v in cases.items() if v.startswith("pass")),
+    )
+    timings(
+        f"usbtest {label}: not passed",
+        "; ".join(f"{c}={v}" for c, v in cases.items() if not v.startswith("pass")),
+    )
