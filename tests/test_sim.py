@@ -495,6 +495,33 @@ async def test_unlink_completed_urb(sim: Sim) -> None:
     assert (await client.unlink(done)).status == 0
 
 
+async def test_unlink_that_arrives_before_its_submit_cancels_the_urb(sim: Sim) -> None:
+    """vhci can send CMD_UNLINK before the CMD_SUBMIT it targets (its tx thread sends
+    the unlink list after the submit list). Answering "not found" would make vhci give
+    the URB back and then drop the connection at its RET_SUBMIT: the sim waits for the
+    submit and cancels it instead."""
+    client = await sim.imported("1-1")
+    before = await client.submit(1, Direction.IN, 64)
+    assert (await client.reply(before)).status == 0
+    target, unlink = client.next_seqnum(), client.next_seqnum()
+    await client.send(CmdUnlink(unlink, target, client.devid))
+    await client.send(CmdSubmit(target, client.devid, Direction.IN, 1, 64))
+    answer = await client.receive()
+    assert answer == RetUnlink(unlink, -ECONNRESET)
+    # No RET_SUBMIT for it: the next reply is the next URB's (the codec would refuse one).
+    after = await client.submit(1, Direction.IN, 64)
+    assert (await client.reply(after)).data == mod63(64)
+
+
+async def test_early_unlink_whose_submit_never_comes_is_answered_not_found(sim: Sim) -> None:
+    client = await sim.imported("1-1")
+    target, unlink = client.next_seqnum(), client.next_seqnum()
+    await client.send(CmdUnlink(unlink, target, client.devid))
+    newer = await client.submit(1, Direction.IN, 64)  # submits come in seqnum order
+    assert await client.receive() == RetUnlink(unlink, 0)
+    assert (await client.reply(newer)).status == 0
+
+
 async def test_unlink_pending_out_when_full(nursery: trio.Nursery) -> None:
     client = await Sim(SimServer([Loopback(capacity=1024)]), nursery).imported("1-2")
     assert (await client.transfer(1, Direction.OUT, data=bytes(1024))).status == 0

@@ -334,7 +334,7 @@ class _Reader:
             (_, seqnum, devid, direction, ep, status, actual, start, np, errors) = (
                 RET_SUBMIT_HEADER.unpack_from(buf, pos)
             )
-            urb = state.pending.get(seqnum)
+            urb = state.awaiting(seqnum)
             if urb is None:
                 raise RemoteProtocolError(f"RET_SUBMIT for seqnum {seqnum}, which is not pending")
             if not 0 <= actual <= urb.transfer_buffer_length:

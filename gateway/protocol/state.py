@@ -96,6 +96,14 @@ class ProtocolState:
         self.endpoints = EndpointMap()
         self.pending: dict[int, PendingUrb] = {}
         self._unlinks: dict[int, int] = {}  # CMD_UNLINK seqnum -> seqnum it unlinks
+        # URBs whose unlink was answered while they were still pending here. Usually no
+        # RET_SUBMIT follows, but one may (see `_unlinked`); they no longer count as in
+        # flight, and the oldest are forgotten past `limits.max_pending_urbs`.
+        self._answered: dict[int, PendingUrb] = {}
+
+    def awaiting(self, seqnum: int) -> PendingUrb | None:
+        """The URB a RET_SUBMIT for `seqnum` would complete, if one may come."""
+        return self.pending.get(seqnum) or self._answered.get(seqnum)
 
     def transfer_type(self, ep: int, direction: Direction) -> TransferType:
         return self.endpoints.transfer_type(ep, direction)
@@ -215,10 +223,11 @@ class ProtocolState:
             setup=Setup.decode(event.setup) if event.ep == 0 else None,
         )
         self.pending[event.seqnum] = urb
+        self._answered.pop(event.seqnum, None)
         return urb
 
     def _complete(self, event: RetSubmit, error: type[ProtocolError]) -> PendingUrb:
-        urb = self.pending.pop(event.seqnum, None)
+        urb = self.pending.pop(event.seqnum, None) or self._answered.pop(event.seqnum, None)
         if urb is None:
             raise error(f"RET_SUBMIT for seqnum {event.seqnum}, which is not pending")
         if event.actual_length > urb.transfer_buffer_length:
@@ -265,7 +274,22 @@ class ProtocolState:
         return urb
 
     def _unlinked(self, event: RetUnlink) -> PendingUrb | None:
-        # The URB gets no RET_SUBMIT after this, whatever the status (vhci_rx.c).
         # An unknown RET_UNLINK is ignored, as vhci does.
         target = self._unlinks.pop(event.seqnum, None)
-        return None if target is None else self.pending.pop(target, None)
+        urb = None if target is None else self.pending.pop(target, None)
+        if urb is not None and event.status == 0:
+            # usbip-host answers an unlink it carried out with RET_UNLINK alone, and
+            # one it could not ("not found") with status 0. Then a RET_SUBMIT may still
+            # follow, legitimately:
+            # - vhci can send CMD_UNLINK before the CMD_SUBMIT it targets (its tx thread
+            #   sends the unlink list after the submit list, and both can fill between
+            #   passes): the server answers "not found" and then runs the URB;
+            # - usbip-host can send the RET_UNLINK(0) of a URB that completed just
+            #   before ahead of that URB's RET_SUBMIT (its tx thread's two lists again).
+            # Whether one comes depends on timing a relay cannot see, and two relays in
+            # series see CMDs and RETs interleaved differently: keep the URB to
+            # recognise that one late RET_SUBMIT.
+            self._answered[urb.seqnum] = urb
+            if len(self._answered) > self.limits.max_pending_urbs:
+                del self._answered[next(iter(self._answered))]
+        return urb

@@ -198,6 +198,8 @@ class _UrbSession:
         self._stream = stream
         self._conn = conn
         self._in_flight: dict[int, _InFlight] = {}
+        self._last_submit: int | None = None  # the newest CMD_SUBMIT's seqnum
+        self._early_unlinks: dict[int, int] = {}  # target seqnum -> CMD_UNLINK seqnum
         self._queues: dict[int, trio.MemorySendChannel[_InFlight]] = {}
         self._outbox: list[bytes] = []
         self._outbox_size = 0
@@ -244,6 +246,9 @@ class _UrbSession:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} in the URB phase")
 
     def _submit(self, cmd: CmdSubmit) -> None:
+        self._last_submit = cmd.seqnum
+        if self._early_unlinks and self._answer_early_unlinks(cmd.seqnum):
+            return
         entry = _InFlight(Urb.from_submit(cmd))
         self._in_flight[cmd.seqnum] = entry
         # Control transfers share ep0 whatever their direction.
@@ -259,6 +264,13 @@ class _UrbSession:
     def _unlink(self, cmd: CmdUnlink) -> None:
         entry = self._in_flight.pop(cmd.unlink_seqnum, None)
         if entry is None:
+            if _is_after(cmd.unlink_seqnum, self._last_submit):
+                # vhci's tx thread can send an unlink before the submit it targets.
+                # usbip-host answers "not found" and runs the URB, and vhci, having
+                # given the URB back on that answer, drops the connection at its
+                # RET_SUBMIT. Wait for the submit and cancel it instead.
+                self._early_unlinks[cmd.unlink_seqnum] = cmd.seqnum
+                return
             # Already completed (its RET_SUBMIT is queued or sent), or never existed.
             self._emit(RetUnlink(cmd.seqnum, 0))
             return
@@ -266,6 +278,16 @@ class _UrbSession:
         if entry.scope is not None:
             entry.scope.cancel()
         self._emit(RetUnlink(cmd.seqnum, -ECONNRESET))
+
+    def _answer_early_unlinks(self, seqnum: int) -> bool:
+        """Answer the early unlinks `seqnum` settles; True if it targets this URB."""
+        cancelled = self._early_unlinks.pop(seqnum, None)
+        if cancelled is not None:
+            self._emit(RetUnlink(cancelled, -ECONNRESET))
+        # Submits arrive in seqnum order: a target older than this one never will.
+        for target in [t for t in self._early_unlinks if not _is_after(t, seqnum)]:
+            self._emit(RetUnlink(self._early_unlinks.pop(target), 0))
+        return cancelled is not None
 
     # -- completing
 
@@ -327,6 +349,13 @@ class _UrbSession:
             await self._server._send(self._stream, data)
             self._outbox_size -= len(data)
             self._outbox_room.unpark_all()
+
+
+def _is_after(seqnum: int, reference: int | None) -> bool:
+    """Whether `seqnum` is newer than `reference` (serial arithmetic: seqnums wrap)."""
+    if reference is None:
+        return True
+    return 0 < (seqnum - reference) % 2**32 < 2**31
 
 
 async def serve_sim(

@@ -12,7 +12,9 @@ from gateway.protocol import (
     CmdSubmit,
     CmdUnlink,
     Direction,
+    Event,
     IsoPacket,
+    Limits,
     LocalProtocolError,
     RemoteProtocolError,
     RetSubmit,
@@ -131,11 +133,78 @@ def test_unlink_that_raced_with_completion_is_fine() -> None:
 
 
 def test_ret_unlink_zero_for_a_still_pending_urb_still_drops_it() -> None:
-    """vhci gives the URB back on any RET_UNLINK; no RET_SUBMIT may follow."""
-    trio = imported_trio()
+    """usbip-host answers an unlink it carried out with RET_UNLINK alone, status 0 when
+    the URB completed anyway: the URB no longer counts as in flight."""
+    trio = imported_trio(Limits(max_pending_urbs=2))
     trio.exchange(C, submit(7, Direction.IN, 1, 3))
     trio.exchange(C, CmdUnlink(seqnum=8, unlink_seqnum=7, devid=DEVID))
     trio.exchange(S, RetUnlink(8, 0))
+    assert pendings(trio) == [set()] * 3
+    trio.exchange(C, submit(9, Direction.IN, 1, 3))  # both slots are free
+    trio.exchange(C, submit(10, Direction.IN, 1, 3))
+
+
+def two_relays(order_a: list[tuple[Role, Event]], order_b: list[tuple[Role, Event]]) -> None:
+    """Two Splices (the gateways in series) see one conversation interleaved differently."""
+    for order in (order_a, order_b):
+        trio = imported_trio()
+        for sender, event in order:
+            trio.splice.receive_data(sender, event.encode())
+            frame = trio.splice.next_frame(sender)
+            assert frame.event == event  # type: ignore[union-attr]
+        assert trio.splice.state.pending == {}
+
+
+def test_unlink_sent_before_the_submit_it_targets() -> None:
+    """vhci's tx thread sends its unlink list after its submit list; both can fill
+    between passes, so CMD_UNLINK(8 -> 7) may precede CMD_SUBMIT(7). usbip-host answers
+    the unlink "not found" (status 0) and runs the URB. The client-side gateway sees both
+    CMDs before the RET_UNLINK, the server-side one may see the RET_UNLINK in between."""
+    unlink, cmd = CmdUnlink(seqnum=8, unlink_seqnum=7, devid=DEVID), submit(7, Direction.IN, 1, 3)
+    ret_unlink, ret = RetUnlink(8, 0), RetSubmit(7, actual_length=3, data=b"abc")
+    two_relays(
+        [(C, unlink), (C, cmd), (S, ret_unlink), (S, ret)],
+        [(C, unlink), (S, ret_unlink), (C, cmd), (S, ret)],
+    )
+
+
+def test_ret_unlink_zero_may_overtake_the_ret_submit_of_a_completed_urb() -> None:
+    """usbip-host's tx thread sends its RET_SUBMIT list, then its RET_UNLINK list: a URB
+    that completes while the unlink is answered "not found" is reported after it."""
+    cmd, unlink = submit(7, Direction.OUT, 1, 3), CmdUnlink(seqnum=8, unlink_seqnum=7, devid=DEVID)
+    ret_unlink, ret = RetUnlink(8, 0), RetSubmit(7, actual_length=3)
+    trio = imported_trio()
+    trio.exchange(C, cmd)
+    trio.exchange(C, unlink)
+    trio.exchange(S, ret_unlink)
+    assert pendings(trio) == [set()] * 3
+    trio.exchange(S, ret)
+    # Once only: a second RET_SUBMIT for it is refused.
+    trio.splice.receive_data(S, ret.encode())
+    with pytest.raises(RemoteProtocolError, match="seqnum 7, which is not pending"):
+        trio.splice.next_frame(S)
+
+
+def test_late_ret_submits_are_remembered_for_a_bounded_number_of_urbs() -> None:
+    trio = imported_trio(Limits(max_pending_urbs=2))
+    for seqnum in (1, 3, 5):  # three URBs unlinked "too late", one at a time
+        trio.exchange(C, submit(seqnum, Direction.OUT, 1, 0))
+        trio.exchange(C, CmdUnlink(seqnum=seqnum + 1, unlink_seqnum=seqnum, devid=DEVID))
+        trio.exchange(S, RetUnlink(seqnum + 1, 0))
+    trio.exchange(S, RetSubmit(5, actual_length=0))
+    trio.exchange(S, RetSubmit(3, actual_length=0))
+    trio.splice.receive_data(S, RetSubmit(1, actual_length=0).encode())  # forgotten
+    with pytest.raises(RemoteProtocolError, match="seqnum 1, which is not pending"):
+        trio.splice.next_frame(S)
+
+
+def test_reused_seqnum_replaces_a_remembered_urb() -> None:
+    trio = imported_trio()
+    trio.exchange(C, submit(7, Direction.OUT, 1, 0))
+    trio.exchange(C, CmdUnlink(seqnum=8, unlink_seqnum=7, devid=DEVID))
+    trio.exchange(S, RetUnlink(8, 0))
+    trio.exchange(C, submit(7, Direction.IN, 1, 4))
+    trio.exchange(S, RetSubmit(7, actual_length=4, data=b"abcd"))  # the new URB's shape
     assert pendings(trio) == [set()] * 3
 
 
