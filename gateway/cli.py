@@ -16,7 +16,7 @@ from gateway import __version__
 from gateway.agent import run_companions
 from gateway.certificates import add_certs_parser
 from gateway.client import ClientGateway
-from gateway.config import ClientConfig, ConfigError, ServerConfig, load
+from gateway.config import DATA_PLANES, ClientConfig, ConfigError, ServerConfig, load
 from gateway.discovery import add_discover_parser
 from gateway.logs import setup_logging
 from gateway.policy import PolicyError
@@ -73,6 +73,11 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="MPTCP between the gateways (TCP if the kernel refuses; default off)",
     )
+    parser.add_argument(
+        "--data-plane",
+        choices=DATA_PLANES,
+        help="pump attached sessions in OS threads or Trio tasks (default threads)",
+    )
 
 
 def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +101,7 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "compression.algorithm": args.compression,
         "compression.level": args.compression_level,
         "transport.mptcp": args.mptcp,
+        "transport.data_plane": args.data_plane,
     }
 
 

@@ -146,7 +146,13 @@ class ClientGateway:
                 session.transport,
                 session.compression,
             )
-            await relay(Splice(self.config.limits), stream, link, session)
+            await relay(
+                Splice(self.config.limits),
+                stream,
+                link,
+                session,
+                threads=self.config.transport.data_plane == "threads",
+            )
         finally:
             await close_all(stream)
             del self.sessions[session.id]

@@ -21,7 +21,7 @@ import trio
 
 from gateway.certificates import PKIError, make_demo_pki
 from gateway.client import ClientGateway
-from gateway.config import Address, ClientConfig, ServerConfig, TLSSettings
+from gateway.config import Address, ClientConfig, ServerConfig, TLSSettings, TransportSettings
 from gateway.logs import setup_logging
 from gateway.protocol import ECONNRESET, Direction
 from gateway.server import ServerGateway
@@ -59,18 +59,29 @@ async def start_stack(
     *,
     client_listen: Address = ANY_LOOPBACK_PORT,
     devices: list[SimDevice] | None = None,
+    transport: TransportSettings | None = None,
 ) -> Stack:
     """Start simulator, server gateway and client gateway, all on loopback."""
+    transport = transport or TransportSettings()
     sim: SimServer = await nursery.start(partial(serve_sim, devices, host=LOOPBACK, port=0))
     sim_address = Address(*sim.addresses[0])
     server = ServerGateway(
-        ServerConfig(tls=server_tls, listen=(ANY_LOOPBACK_PORT,), upstream=sim_address),
+        ServerConfig(
+            tls=server_tls,
+            listen=(ANY_LOOPBACK_PORT,),
+            upstream=sim_address,
+            transport=transport,
+        ),
         strings=sim,
     )
     server_address = _bound(await nursery.start(server.serve))
     client = ClientGateway(
         ClientConfig(
-            tls=client_tls, server=server_address, server_name="localhost", listen=(client_listen,)
+            tls=client_tls,
+            server=server_address,
+            server_name="localhost",
+            listen=(client_listen,),
+            transport=transport,
         )
     )
     client_address = _bound(await nursery.start(client.serve))

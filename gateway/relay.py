@@ -2,13 +2,22 @@
 
 Two pumps share one `Splice`: each reads what its side sends, cuts it into frames,
 and forwards whole frames only, so nothing reaches the far side before it parsed and
-passed the checks. Backpressure is the awaited send: a pump reads no more while the
-other end is not taking what it has.
+passed the checks. Backpressure is the send: a pump reads no more while the other end
+is not taking what it has.
+
+The pumps run in two blocking OS threads when both streams allow it (TCP, TLS over
+TCP; see `gateway.transport.blocking`), since each URB crosses a gateway twice and a
+thread wakeup costs far less than Trio's run loop per read, write and TLS record. Trio
+keeps the session: cancelling the relay wakes the threads by shutting the sockets down.
+Other streams (compression, memory streams in tests) are pumped by Trio tasks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -17,6 +26,7 @@ import trio
 from gateway.logs import kv
 from gateway.protocol import ConnectionClosed, Frame, NeedData, ProtocolError, Role, Splice
 from gateway.session import Session
+from gateway.transport.blocking import Endpoint, LinkBroken, endpoint
 from gateway.transport.direct import direct_io
 
 log = logging.getLogger("gateway.relay")
@@ -69,14 +79,130 @@ async def forward(
             return f"closed by {sender.value}"
 
 
+# Frames of all sessions are parsed and accounted under one lock: sessions of one device
+# share metric series, and the GIL serialises that work anyway.
+_FRAMES_LOCK = threading.Lock()
+# Threads are bounded by the sessions the acceptor lets in, not by Trio's default 40.
+_THREADS = trio.CapacityLimiter(math.inf)
+
+
+def forward_blocking(
+    splice: Splice, sender: Role, source: Endpoint, sink: Endpoint, session: Session
+) -> str:
+    """`forward` for a thread: blocking reads and writes, the same checks."""
+    observe = session.observe
+    next_frame = splice.next_frame
+    clock = time.perf_counter
+    while True:
+        data = source.recv()
+        out: list[bytes] = []
+        closed = False
+        error: ProtocolError | None = None
+        with _FRAMES_LOCK:
+            now = clock()
+            try:
+                splice.receive_data(sender, data)
+                while True:
+                    frame = next_frame(sender)
+                    if isinstance(frame, NeedData):
+                        break
+                    if isinstance(frame.event, ConnectionClosed):
+                        closed = True
+                        break
+                    observe(sender, frame, now)
+                    out.append(frame.raw)
+            except ProtocolError as exc:
+                error = exc  # the frames before it still go through, as in `forward`
+        if out:
+            sink.send(out[0] if len(out) == 1 else b"".join(out))
+        if error is not None:
+            raise error
+        if closed:
+            return f"closed by {sender.value}"
+
+
+async def _relay_in_threads(
+    splice: Splice, ends: dict[Role, Endpoint], session: Session
+) -> str | None:
+    """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
+    outcomes: list[str] = []
+    guard = threading.Lock()
+
+    def pump(sender: Role) -> None:
+        source, sink = ends[sender], ends[sender.peer]
+        try:
+            outcome = forward_blocking(splice, sender, source, sink, session)
+        except ProtocolError as exc:
+            outcome = f"protocol error from {sender.value}: {exc}"
+        except LinkBroken as exc:
+            outcome = f"connection lost: {exc}"
+        with guard:
+            if outcomes:
+                return  # woken by the other pump's ending
+            outcomes.append(outcome)
+        for end in ends.values():
+            end.stop_reading()
+
+    finished = 0
+    first_done, all_done = trio.Event(), trio.Event()
+
+    async def run(sender: Role) -> None:
+        nonlocal finished
+        await trio.to_thread.run_sync(pump, sender, limiter=_THREADS)
+        finished += 1
+        first_done.set()
+        if finished == len(ends):
+            all_done.set()
+
+    async def watch() -> None:
+        try:
+            await first_done.wait()
+            # The other pump sees the end of its stream, unless it is stuck writing to
+            # a peer that does not read: then it is woken by force.
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await all_done.wait()
+                return
+        except BaseException:  # cancelled: the gateway is stopping or access was revoked
+            for end in ends.values():
+                end.abort()
+            raise
+        for end in ends.values():
+            end.abort()
+
+    for end in ends.values():
+        end.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for sender in ends:
+                nursery.start_soon(run, sender)
+    finally:
+        for end in ends.values():
+            end.finish()
+    return outcomes[0] if outcomes else None
+
+
 async def relay(
     splice: Splice,
     client: trio.abc.Stream,
     server: trio.abc.Stream,
     session: Session,
+    *,
+    threads: bool = True,
 ) -> str:
     """Run both pumps until either side ends; close both; return the outcome."""
     outcome = "cancelled (gateway stopping)"
+    client_end, server_end = (endpoint(client), endpoint(server)) if threads else (None, None)
+    if client_end is not None and server_end is not None:
+        session.data_plane = "threads"
+        ends = {Role.CLIENT: client_end, Role.SERVER: server_end}
+        try:
+            outcome = await _relay_in_threads(splice, ends, session) or outcome
+        finally:
+            session.outcome = outcome
+            await close_all(client, server)
+        return outcome
+    session.data_plane = "trio"
     client, server = direct_io(client), direct_io(server)
 
     async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:

@@ -397,7 +397,13 @@ class ServerGateway:
             attached = Attached(session, identity, facts, scope)
             self.attached[session.id] = attached
             try:
-                await relay(splice, client, upstream, session)
+                await relay(
+                    splice,
+                    client,
+                    upstream,
+                    session,
+                    threads=self.config.transport.data_plane == "threads",
+                )
             finally:
                 del self.attached[session.id]
         if attached.revoked:

@@ -1,0 +1,217 @@
+"""A connection's socket (and its TLS state) used from a blocking OS thread.
+
+An attached session's URBs cross each gateway twice, and on Trio every crossing costs a
+pass through the run loop per read, per write and per TLS record. Blocking calls in a
+thread cost one wakeup per read: `recv`, `send` and OpenSSL release the GIL while they
+wait or work. `endpoint()` lends a relay a stream's socket for that: a plain TCP stream,
+or a TLS stream whose handshake is done, keeping its `ssl.SSLObject` and memory BIOs so
+that Trio's `SSLStream` can still send close_notify afterwards.
+
+One thread reads an endpoint while another writes it. The TLS object is never used by
+both at once (`_tls_lock`); bytes it produced leave in the order it produced them
+(`_send_lock`, taken before `_tls_lock` is released, never the other way round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from typing import Any
+
+import trio
+
+RAW_RECEIVE_SIZE = 128 * 1024
+TLS_READ_SIZE = 16 * 1024  # one record's plaintext at most: no oversized allocation per call
+
+
+class LinkBroken(Exception):
+    """The connection failed (reset, TLS error); the message says how."""
+
+
+class Endpoint:
+    """A plain TCP connection, driven with blocking calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._stopped = False
+        self._buffer = memoryview(b"")
+
+    def start(self) -> None:
+        """Blocking mode for the relay's threads (Trio keeps it non-blocking)."""
+        self.sock.setblocking(True)
+        self._buffer = memoryview(bytearray(RAW_RECEIVE_SIZE))
+
+    def finish(self) -> None:
+        """Back to Trio: non-blocking again, for the graceful close."""
+        if self.sock.fileno() != -1:
+            self.sock.setblocking(False)
+
+    def recv(self) -> bytes:
+        """Whatever arrived (at least one byte), or b"" at the end of the stream."""
+        # Into one buffer, then copied to its exact size: `recv(size)` would allocate
+        # `size` bytes and shrink them each time, which fragments the heap of a
+        # process whose threads all do it (hundreds of MiB with 100 sessions).
+        try:
+            count = self.sock.recv_into(self._buffer)
+        except OSError as exc:
+            raise LinkBroken(_describe(exc)) from exc
+        return self._buffer[:count].tobytes()
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise LinkBroken(_describe(exc)) from exc
+
+    def stop_reading(self) -> None:
+        """Wake a thread blocked in `recv` (it sees the end of the stream); the write
+        side stays open for a graceful close."""
+        self._stopped = True
+        self._shutdown(socket.SHUT_RD)
+
+    def abort(self) -> None:
+        """Wake every thread blocked on this connection, whatever it waits for."""
+        self._shutdown(socket.SHUT_RDWR)
+
+    def _shutdown(self, how: int) -> None:
+        with contextlib.suppress(OSError):  # not connected any more: nothing waits on it
+            self.sock.shutdown(how)
+
+
+class TlsEndpoint(Endpoint):
+    """A TLS connection after its handshake: records in and out through `ssl_object`."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        stream: Any = None,
+    ) -> None:
+        super().__init__(sock)
+        self._stream = stream
+        self._tls = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._eof = False  # close_notify received
+        self._raw_eof = False
+
+    def start(self) -> None:
+        super().start()
+        # Trio holds a TLS 1.3 server's session tickets back until its first write
+        # (OpenSSL issue 7948); they go first in line here.
+        delayed = getattr(self._stream, "_delayed_outgoing", None)
+        if delayed:
+            self._outgoing.write(delayed)
+            self._stream._delayed_outgoing = None
+
+    def recv(self) -> bytes:
+        while True:
+            with self._tls_lock:
+                data = self._decrypt()
+                out = self._outgoing.read() if self._outgoing.pending else b""
+                if out:
+                    # A record the read produced (a KeyUpdate answer): send it in order.
+                    self._send_lock.acquire()
+            if out:
+                self._send_locked(out)
+            if data or self._eof:
+                return data
+            if self._raw_eof:
+                raise LinkBroken("the peer closed the connection without a TLS close_notify")
+            raw = super().recv()
+            if not raw and self._stopped:
+                # Our own shutdown, not the peer's: leave the TLS state as it is, so
+                # that the graceful close can still send close_notify.
+                return b""
+            self._raw_eof = not raw
+            with self._tls_lock:
+                if raw:
+                    self._incoming.write(raw)
+                else:
+                    self._incoming.write_eof()
+
+    def _decrypt(self) -> bytes:
+        """Every plaintext byte the buffered records hold (several records per call)."""
+        chunks = []
+        try:
+            while True:
+                chunk = self._tls.read(TLS_READ_SIZE)
+                if not chunk:  # close_notify (the standard library's SSLObject)
+                    self._eof = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._eof = True  # close_notify
+        except ssl.SSLError as exc:
+            if not chunks:
+                raise LinkBroken(f"TLS: {_describe(exc)}") from exc
+            # Hand out what came before the bad record; the next call raises again.
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def send(self, data: bytes) -> None:
+        with self._tls_lock:
+            try:
+                self._tls.write(data)
+            except ssl.SSLError as exc:
+                raise LinkBroken(f"TLS: {_describe(exc)}") from exc
+            out = self._outgoing.read()
+            self._send_lock.acquire()
+        self._send_locked(out)
+
+    def _send_locked(self, data: bytes) -> None:
+        try:
+            super().send(data)
+        finally:
+            self._send_lock.release()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _std_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    # Trio keeps the standard-library socket of a Trio socket in `_sock`.
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = getattr(stream.socket, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def endpoint(stream: trio.abc.Stream) -> Endpoint | None:
+    """`stream` as an `Endpoint`, or None if it cannot be one (another kind of stream,
+    a compression layer, a TLS stream in an unusual state): the relay then stays on Trio.
+
+    Call it while no task uses `stream`, and hand the stream back to Trio only after
+    `finish()`.
+    """
+    sock = _std_socket(stream)
+    if sock is not None:
+        return Endpoint(sock)
+    if not isinstance(stream, trio.SSLStream):
+        return None
+    sock = _std_socket(stream.transport_stream)
+    tls: Any = stream  # its TLS state is private; checked field by field
+    ssl_object = getattr(tls, "_ssl_object", None)
+    incoming = getattr(tls, "_incoming", None)
+    outgoing = getattr(tls, "_outgoing", None)
+    handshook = getattr(getattr(tls, "_handshook", None), "done", False)
+    if (
+        sock is None
+        or not isinstance(ssl_object, ssl.SSLObject)
+        or not isinstance(incoming, ssl.MemoryBIO)
+        or not isinstance(outgoing, ssl.MemoryBIO)
+        or not handshook
+        or not isinstance(getattr(tls, "_delayed_outgoing", b""), bytes | None)
+        or outgoing.pending
+        or getattr(getattr(tls, "_state", None), "name", None) != "OK"
+    ):
+        return None
+    return TlsEndpoint(sock, ssl_object, incoming, outgoing, tls)

@@ -1,0 +1,208 @@
+"""The relay's thread data plane: real sockets, real TLS, the same checks and outcomes.
+
+The peers are Trio streams over socket pairs; the relay between them pumps in blocking
+threads (`gateway.transport.blocking`). Frame and state logic is the Splice's, tested in
+tests/protocol; here: that bytes, ends, errors and cancellation cross the threads right.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from gateway.protocol import (
+    NEED_DATA,
+    CmdSubmit,
+    Connection,
+    ConnectionClosed,
+    Direction,
+    Event,
+    OpReplyImport,
+    OpRequestImport,
+    OpStatus,
+    RetSubmit,
+    Role,
+    Splice,
+)
+from gateway.relay import relay
+from gateway.session import Session
+from gateway.transport.blocking import endpoint
+
+from .protocol.helpers import device
+
+INFO = device()
+
+
+@dataclass
+class Peer:
+    """One end of the relayed connection, speaking through the codec."""
+
+    stream: trio.abc.Stream
+    conn: Connection
+
+    async def send(self, *events: Event) -> None:
+        await self.stream.send_all(b"".join(self.conn.send(e) for e in events))
+
+    async def receive(self) -> Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not NEED_DATA:
+                return event  # type: ignore[return-value]
+            self.conn.receive_data(await self.stream.receive_some(1 << 20))
+
+
+@dataclass
+class Relayed:
+    client: Peer
+    server: Peer
+    session: Session
+    outcome: list[str]
+    scope: trio.CancelScope
+
+
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("gateway.test").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+@asynccontextmanager
+async def relayed(*, tls: bool = False, threads: bool = True) -> AsyncIterator[Relayed]:
+    """client peer <-> (TLS?) <-> relay <-> server peer, all on socket pairs."""
+    client_side, relay_client = await socket_streams()
+    relay_server, server_side = await socket_streams()
+    client_stream: trio.abc.Stream = client_side
+    relay_client_stream: trio.abc.Stream = relay_client
+    if tls:
+        server_ctx, client_ctx = tls_contexts()
+        client_stream = trio.SSLStream(client_side, client_ctx, server_hostname="gateway.test")
+        relay_client_stream = trio.SSLStream(relay_client, server_ctx, server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_stream.do_handshake)
+            nursery.start_soon(relay_client_stream.do_handshake)
+    session = Session("server", "test", "socketpair", time.time())
+    outcome: list[str] = []
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                outcome.append(
+                    await relay(
+                        Splice(), relay_client_stream, relay_server, session, threads=threads
+                    )
+                )
+
+        nursery.start_soon(run)
+        try:
+            yield Relayed(
+                Peer(client_stream, Connection(Role.CLIENT)),
+                Peer(server_side, Connection(Role.SERVER)),
+                session,
+                outcome,
+                scope,
+            )
+        finally:
+            for stream in (client_stream, server_side):
+                await trio.aclose_forcefully(stream)
+
+
+async def import_device(r: Relayed) -> None:
+    await r.client.send(OpRequestImport(INFO.busid))
+    assert await r.server.receive() == OpRequestImport(INFO.busid)
+    await r.server.send(OpReplyImport(OpStatus.OK, INFO))
+    assert await r.client.receive() == OpReplyImport(OpStatus.OK, INFO)
+
+
+def out_urb(seqnum: int, data: bytes) -> CmdSubmit:
+    return CmdSubmit(seqnum, INFO.devid, Direction.OUT, 1, len(data), data=data)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_urbs_cross_the_threads_and_the_client_closing_ends_the_session(
+    tls: bool,
+) -> None:
+    async with relayed(tls=tls) as r:
+        await import_device(r)
+        big = bytes(range(256)) * 1024  # 256 KiB: many TLS records, several reads
+        cmds = [out_urb(seqnum, big) for seqnum in range(1, 9)]
+        async with trio.open_nursery() as nursery:  # more than the sockets buffer
+            nursery.start_soon(r.client.send, *cmds)
+            for cmd in cmds:
+                assert await r.server.receive() == cmd
+        rets = [RetSubmit(c.seqnum, actual_length=len(big)) for c in cmds]
+        await r.server.send(*rets)
+        for ret in rets:
+            assert await r.client.receive() == ret
+        await r.client.stream.aclose()
+        assert await r.server.receive() == ConnectionClosed()
+    assert r.outcome == ["closed by client"]
+    assert r.session.data_plane == "threads"
+    assert r.session.outcome == "closed by client"
+    assert r.session.urbs_completed == 8
+    assert r.session.bytes_from_client == 40 + 8 * (48 + len(big))  # IMPORT, CMD_SUBMITs
+
+
+async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:
+    async with relayed(tls=True) as r:
+        await import_device(r)
+        await r.client.send(out_urb(5, b"abc"))
+        assert await r.server.receive() == out_urb(5, b"abc")
+        good = RetSubmit(5, actual_length=3)
+        bad = RetSubmit(6, actual_length=0)  # never submitted
+        await r.server.stream.send_all(good.encode() + bad.encode())
+        assert await r.client.receive() == good
+        assert await r.client.receive() == ConnectionClosed()
+    assert r.outcome[0].startswith("protocol error from server: RET_SUBMIT for seqnum 6")
+    assert r.session.urbs_completed == 1
+
+
+async def test_cancelling_wakes_threads_even_when_a_peer_does_not_read() -> None:
+    async with relayed() as r:
+        await import_device(r)
+        # The server never reads: the relay's thread blocks writing to it.
+        chunk = out_urb(1, bytes(4 << 20))
+        with trio.move_on_after(5):  # a bound, not synchronisation
+            await r.client.send(chunk)
+        await trio.testing.wait_all_tasks_blocked()
+        r.scope.cancel()
+        # The server then reads part of the frame at most, and the end of the stream.
+        received = 0
+        with trio.fail_after(10):
+            while data := await r.server.stream.receive_some(1 << 20):
+                received += len(data)
+    assert r.outcome == []
+    assert r.session.outcome == "cancelled (gateway stopping)"
+    assert received < len(chunk.encode())
+
+
+async def test_memory_streams_stay_on_trio() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    assert endpoint(a) is None
+    session = Session("server", "test", "memory", time.time())
+    client_end, relay_end = trio.testing.memory_stream_pair()
+    server_end, relay_server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay, Splice(), relay_end, relay_server, session)
+        await client_end.aclose()
+    assert session.data_plane == "trio"
+    assert session.outcome == "closed by client"
+    await server_end.aclose()
+    await a.aclose()
+    await b.aclose()
