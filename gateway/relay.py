@@ -26,7 +26,7 @@ import trio
 from gateway.logs import kv
 from gateway.protocol import ConnectionClosed, Frame, NeedData, ProtocolError, Role, Splice
 from gateway.session import Session
-from gateway.transport.blocking import Endpoint, LinkBroken, endpoint
+from gateway.transport.blocking import AnyEndpoint, LinkBroken, endpoint
 from gateway.transport.direct import direct_io
 
 log = logging.getLogger("gateway.relay")
@@ -87,7 +87,7 @@ _THREADS = trio.CapacityLimiter(math.inf)
 
 
 def forward_blocking(
-    splice: Splice, sender: Role, source: Endpoint, sink: Endpoint, session: Session
+    splice: Splice, sender: Role, source: AnyEndpoint, sink: AnyEndpoint, session: Session
 ) -> str:
     """`forward` for a thread: blocking reads and writes, the same checks."""
     observe = session.observe
@@ -122,7 +122,7 @@ def forward_blocking(
 
 
 async def _relay_in_threads(
-    splice: Splice, ends: dict[Role, Endpoint], session: Session
+    splice: Splice, ends: dict[Role, AnyEndpoint], session: Session
 ) -> str | None:
     """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
     outcomes: list[str] = []

@@ -35,6 +35,7 @@ from gateway.protocol import (
 from gateway.relay import relay
 from gateway.session import Session
 from gateway.transport.blocking import endpoint
+from gateway.transport.compression import ByteCounter, wrap
 
 from .protocol.helpers import device
 
@@ -83,7 +84,9 @@ async def socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
 
 
 @asynccontextmanager
-async def relayed(*, tls: bool = False, threads: bool = True) -> AsyncIterator[Relayed]:
+async def relayed(
+    *, tls: bool = False, zstd: ByteCounter | None = None, threads: bool = True
+) -> AsyncIterator[Relayed]:
     """client peer <-> (TLS?) <-> relay <-> server peer, all on socket pairs."""
     client_side, relay_client = await socket_streams()
     relay_server, server_side = await socket_streams()
@@ -96,6 +99,9 @@ async def relayed(*, tls: bool = False, threads: bool = True) -> AsyncIterator[R
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client_stream.do_handshake)
             nursery.start_soon(relay_client_stream.do_handshake)
+    if zstd is not None:
+        client_stream = wrap(client_stream)
+        relay_client_stream = wrap(relay_client_stream, on_bytes=zstd)
     session = Session("server", "test", "socketpair", time.time())
     outcome: list[str] = []
     async with trio.open_nursery() as nursery:
@@ -157,6 +163,31 @@ async def test_urbs_cross_the_threads_and_the_client_closing_ends_the_session(
     assert r.session.outcome == "closed by client"
     assert r.session.urbs_completed == 8
     assert r.session.bytes_from_client == 40 + 8 * (48 + len(big))  # IMPORT, CMD_SUBMITs
+
+
+async def test_zstd_over_tls_crosses_the_threads_too() -> None:
+    counted: dict[str, list[int]] = {"compress": [0, 0], "decompress": [0, 0]}
+
+    def count(operation: str, before: int, after: int) -> None:
+        counted[operation][0] += before
+        counted[operation][1] += after
+
+    async with relayed(tls=True, zstd=count) as r:
+        await import_device(r)
+        cmd = out_urb(1, bytes(200_000))  # compresses well
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.client.send, cmd)
+            assert await r.server.receive() == cmd
+        await r.server.send(RetSubmit(1, actual_length=200_000))
+        assert await r.client.receive() == RetSubmit(1, actual_length=200_000)
+        await r.client.stream.aclose()
+        assert await r.server.receive() == ConnectionClosed()
+    assert r.session.data_plane == "threads"
+    assert r.outcome == ["closed by client"]
+    wire, plain = counted["decompress"]
+    assert plain == 40 + 48 + 200_000  # the IMPORT request and the CMD_SUBMIT
+    assert wire < plain / 10
+    assert counted["compress"][0] == 320 + 48  # the IMPORT reply and the RET_SUBMIT
 
 
 async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:

@@ -22,6 +22,14 @@ from typing import Any
 
 import trio
 
+from gateway.transport.compression import (
+    ByteCounter,
+    CompressionError,
+    Decoder,
+    Encoder,
+    ZstdStream,
+)
+
 RAW_RECEIVE_SIZE = 128 * 1024
 TLS_READ_SIZE = 16 * 1024  # one record's plaintext at most: no oversized allocation per call
 
@@ -173,6 +181,69 @@ class TlsEndpoint(Endpoint):
             self._send_lock.release()
 
 
+class ZstdEndpoint:
+    """zstd chunks (`gateway.transport.compression`) over another endpoint."""
+
+    def __init__(self, inner: Endpoint, stream: ZstdStream) -> None:
+        self.inner = inner
+        self._stream = stream
+        self._encoder: Encoder | None = None
+        self._decoder: Decoder | None = None
+        self._ready = b""
+        self._on_bytes: ByteCounter | None = None
+
+    def start(self) -> None:
+        self.inner.start()
+        self._encoder, self._decoder, self._ready, self._on_bytes = self._stream.take_codec()
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def stop_reading(self) -> None:
+        self.inner.stop_reading()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def recv(self) -> bytes:
+        if self._ready:
+            ready, self._ready = self._ready, b""
+            return ready
+        decoder = self._decoder
+        assert decoder is not None, "start() first"
+        while True:
+            try:
+                plain = []
+                while (chunk := decoder.next_chunk()) is not None:
+                    wire, data = chunk
+                    if self._on_bytes is not None:
+                        self._on_bytes("decompress", wire, len(data))
+                    plain.append(data)
+            except CompressionError as exc:
+                raise LinkBroken(f"zstd: {exc}") from exc
+            if plain:
+                return plain[0] if len(plain) == 1 else b"".join(plain)
+            data = self.inner.recv()
+            if not data:
+                if decoder.pending:
+                    raise LinkBroken(
+                        f"compressed stream ended inside a chunk ({decoder.pending} bytes of it "
+                        "received)"
+                    )
+                return b""
+            decoder.receive_data(data)
+
+    def send(self, data: bytes) -> None:
+        assert self._encoder is not None, "start() first"
+        encoded = self._encoder.encode(data)
+        if self._on_bytes is not None:
+            self._on_bytes("compress", len(data), len(encoded))
+        self.inner.send(encoded)
+
+
+AnyEndpoint = Endpoint | ZstdEndpoint
+
+
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -185,13 +256,23 @@ def _std_socket(stream: trio.abc.Stream) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
-def endpoint(stream: trio.abc.Stream) -> Endpoint | None:
-    """`stream` as an `Endpoint`, or None if it cannot be one (another kind of stream,
-    a compression layer, a TLS stream in an unusual state): the relay then stays on Trio.
+def endpoint(stream: trio.abc.Stream) -> AnyEndpoint | None:
+    """`stream` as an endpoint, or None if it cannot be one (another kind of stream, a
+    TLS stream in an unusual state): the relay then stays on Trio.
 
     Call it while no task uses `stream`, and hand the stream back to Trio only after
-    `finish()`.
+    `finish()`. A compression layer's state moves to the endpoint: once called, the
+    relay must use the endpoint.
     """
+    if isinstance(stream, ZstdStream):
+        inner = _plain_or_tls(stream.transport)
+        if inner is None:
+            return None
+        return ZstdEndpoint(inner, stream)
+    return _plain_or_tls(stream)
+
+
+def _plain_or_tls(stream: trio.abc.Stream) -> Endpoint | None:
     sock = _std_socket(stream)
     if sock is not None:
         return Endpoint(sock)

@@ -467,6 +467,14 @@ class ZstdStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await self._receive.receive_some(max_bytes)
 
+    def take_codec(self) -> tuple[Encoder, Decoder, bytes, ByteCounter | None]:
+        """The encoder, the decoder, the decoded bytes not yet returned and the byte
+        counter: for a relay thread to carry on with (`gateway.transport.blocking`)."""
+        receive = self._receive
+        ready = receive._ready[receive._offset :]
+        receive._ready, receive._offset = b"", 0
+        return self._send.encoder, receive.decoder, ready, self._send._on_bytes
+
     async def aclose(self) -> None:
         # Both halves refuse further use even if closing the transport is cancelled.
         self._send._closed = True
