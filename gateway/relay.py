@@ -79,17 +79,24 @@ async def forward(
             return f"closed by {sender.value}"
 
 
-# Frames of all sessions are parsed and accounted under one lock: sessions of one device
-# share metric series, and the GIL serialises that work anyway.
-_FRAMES_LOCK = threading.Lock()
+# Sessions of one device share metric series: frames are accounted under one lock, and
+# parsed under their session's (both pumps of a session share its Splice).
+_ACCOUNTING_LOCK = threading.Lock()
 # Threads are bounded by the sessions the acceptor lets in, not by Trio's default 40.
 _THREADS = trio.CapacityLimiter(math.inf)
 
 
 def forward_blocking(
-    splice: Splice, sender: Role, source: AnyEndpoint, sink: AnyEndpoint, session: Session
+    splice: Splice,
+    sender: Role,
+    source: AnyEndpoint,
+    sink: AnyEndpoint,
+    session: Session,
+    *,
+    lock: threading.Lock,
 ) -> str:
-    """`forward` for a thread: blocking reads and writes, the same checks."""
+    """`forward` for a thread: blocking reads and writes, the same checks. `lock` guards
+    `splice` against the other direction's thread."""
     observe = session.observe
     next_frame = splice.next_frame
     clock = time.perf_counter
@@ -98,7 +105,7 @@ def forward_blocking(
         out: list[bytes] = []
         closed = False
         error: ProtocolError | None = None
-        with _FRAMES_LOCK:
+        with lock:
             now = clock()
             try:
                 splice.receive_data(sender, data)
@@ -109,7 +116,8 @@ def forward_blocking(
                     if isinstance(frame.event, ConnectionClosed):
                         closed = True
                         break
-                    observe(sender, frame, now)
+                    with _ACCOUNTING_LOCK:
+                        observe(sender, frame, now)
                     out.append(frame.raw)
             except ProtocolError as exc:
                 error = exc  # the frames before it still go through, as in `forward`
@@ -127,11 +135,12 @@ async def _relay_in_threads(
     """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
     outcomes: list[str] = []
     guard = threading.Lock()
+    splice_lock = threading.Lock()
 
     def pump(sender: Role) -> None:
         source, sink = ends[sender], ends[sender.peer]
         try:
-            outcome = forward_blocking(splice, sender, source, sink, session)
+            outcome = forward_blocking(splice, sender, source, sink, session, lock=splice_lock)
         except ProtocolError as exc:
             outcome = f"protocol error from {sender.value}: {exc}"
         except LinkBroken as exc:
