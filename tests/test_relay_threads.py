@@ -204,6 +204,18 @@ async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:
     assert r.session.urbs_completed == 1
 
 
+async def test_a_tls_peer_vanishing_without_close_notify_is_a_lost_connection() -> None:
+    async with relayed(tls=True) as r:
+        await import_device(r)
+        assert isinstance(r.client.stream, trio.SSLStream)
+        await r.client.stream.transport_stream.aclose()  # no close_notify
+        assert await r.server.receive() == ConnectionClosed()
+    assert r.outcome == [
+        "connection lost: the peer closed the connection without a TLS close_notify"
+    ]
+    assert r.session.outcome == r.outcome[0]
+
+
 async def test_cancelling_wakes_threads_even_when_a_peer_does_not_read() -> None:
     async with relayed() as r:
         await import_device(r)

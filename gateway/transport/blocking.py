@@ -5,7 +5,8 @@ pass through the run loop per read, per write and per TLS record. Blocking calls
 thread cost one wakeup per read: `recv`, `send` and OpenSSL release the GIL while they
 wait or work. `endpoint()` lends a relay a stream's socket for that: a plain TCP stream,
 or a TLS stream whose handshake is done, keeping its `ssl.SSLObject` and memory BIOs so
-that Trio's `SSLStream` can still send close_notify afterwards.
+that Trio's `SSLStream` can still send close_notify afterwards, and a zstd layer above
+either, with the layer's encoder and decoder.
 
 One thread reads an endpoint while another writes it. The TLS object is never used by
 both at once (`_tls_lock`); bytes it produced leave in the order it produced them
@@ -32,6 +33,9 @@ from gateway.transport.compression import (
 
 RAW_RECEIVE_SIZE = 128 * 1024
 TLS_READ_SIZE = 16 * 1024  # one record's plaintext at most: no oversized allocation per call
+
+
+_NO_CLOSE_NOTIFY = "the peer closed the connection without a TLS close_notify"
 
 
 class LinkBroken(Exception):
@@ -131,7 +135,7 @@ class TlsEndpoint(Endpoint):
             if data or self._eof:
                 return data
             if self._raw_eof:
-                raise LinkBroken("the peer closed the connection without a TLS close_notify")
+                raise LinkBroken(_NO_CLOSE_NOTIFY)
             raw = super().recv()
             if not raw and self._stopped:
                 # Our own shutdown, not the peer's: leave the TLS state as it is, so
@@ -158,6 +162,9 @@ class TlsEndpoint(Endpoint):
             pass
         except ssl.SSLZeroReturnError:
             self._eof = True  # close_notify
+        except ssl.SSLEOFError as exc:
+            if not chunks:
+                raise LinkBroken(_NO_CLOSE_NOTIFY) from exc
         except ssl.SSLError as exc:
             if not chunks:
                 raise LinkBroken(f"TLS: {_describe(exc)}") from exc
