@@ -422,7 +422,13 @@ class Splice:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._state = ProtocolState(limits)
-        self._readers = {role: _Reader(role) for role in Role}
+        # Two attributes, not a dict keyed by Role: an Enum's hash is Python code, and
+        # this lookup happens twice per frame.
+        self._client = _Reader(Role.CLIENT)
+        self._server = _Reader(Role.SERVER)
+
+    def _reader(self, sender: Role) -> _Reader:
+        return self._client if sender is Role.CLIENT else self._server
 
     @property
     def phase(self) -> Phase:
@@ -433,13 +439,19 @@ class Splice:
         return self._state
 
     def buffered(self, sender: Role) -> int:
-        return self._readers[sender].buffered
+        return self._reader(sender).buffered
 
     def receive_data(self, sender: Role, data: bytes | bytearray | memoryview) -> None:
-        self._readers[sender].feed(data)
+        (self._client if sender is Role.CLIENT else self._server).feed(data)
 
     def next_frame(self, sender: Role) -> Frame | NeedData:
-        return _next(self._readers[sender], self._state, keep_raw=True)
+        state = self._state
+        try:
+            result = (self._client if sender is Role.CLIENT else self._server).next(state, True)
+        except ProtocolError:
+            state.phase = Phase.ERROR
+            raise
+        return result if isinstance(result, NeedData) else Frame(*result)
 
     def inject(self, sender: Role, event: Event) -> bytes:
         """A message the relay itself sends as if it came from `sender`, e.g. a refusal."""
