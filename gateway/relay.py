@@ -35,8 +35,36 @@ RECEIVE_SIZE = 256 * 1024
 CLOSE_TIMEOUT = 2.0
 
 
-class RelayEnded(Exception):
-    """Why a relay stopped, for the session's outcome and its log line."""
+Observe = Callable[[Role, Frame, float], None]
+
+
+def cut_frames(
+    splice: Splice, sender: Role, data: bytes | bytearray, observe: Observe, now: float
+) -> tuple[bytes, bool, ProtocolError | None]:
+    """Feed one read from `sender` to `splice` and account its whole frames.
+
+    Returns the bytes to forward (those frames, joined for one write: fewer syscalls
+    and TLS records), whether `sender` closed, and the error that stopped parsing, if
+    any: the frames before it still go through, as they would had they come earlier.
+    """
+    out: list[bytes] = []
+    closed = False
+    error: ProtocolError | None = None
+    next_frame = splice.next_frame
+    try:
+        splice.receive_data(sender, data)
+        while True:
+            frame = next_frame(sender)
+            if isinstance(frame, NeedData):
+                break
+            if isinstance(frame.event, ConnectionClosed):
+                closed = True
+                break
+            observe(sender, frame, now)
+            out.append(frame.raw)
+    except ProtocolError as exc:
+        error = exc
+    return (out[0] if len(out) == 1 else b"".join(out)), closed, error
 
 
 async def forward(
@@ -49,32 +77,13 @@ async def forward(
     clock: Callable[[], float] = trio.current_time,
 ) -> str:
     """Pump one direction until `sender` closes; returns how it ended."""
-    observe = session.observe
-    next_frame = splice.next_frame
     while True:
         data = await source.receive_some(RECEIVE_SIZE)
-        splice.receive_data(sender, data)
-        out: list[bytes] = []
-        closed = False
-        try:
-            while True:
-                frame = next_frame(sender)
-                if isinstance(frame, NeedData):
-                    break
-                if isinstance(frame.event, ConnectionClosed):
-                    closed = True
-                    break
-                observe(sender, frame, clock())
-                out.append(frame.raw)
-        except ProtocolError:
-            # Frames that passed before the offending one go through, as they would
-            # have had they arrived in an earlier read.
-            if out:
-                await sink.send_all(b"".join(out))
-            raise
+        out, closed, error = cut_frames(splice, sender, data, session.observe, clock())
         if out:
-            # One write for all frames of one read: fewer syscalls and TLS records.
-            await sink.send_all(out[0] if len(out) == 1 else b"".join(out))
+            await sink.send_all(out)
+        if error is not None:
+            raise error
         if closed:
             return f"closed by {sender.value}"
 
@@ -98,31 +107,18 @@ def forward_blocking(
     """`forward` for a thread: blocking reads and writes, the same checks. `lock` guards
     `splice` against the other direction's thread."""
     observe = session.observe
-    next_frame = splice.next_frame
+
+    def observe_shared(sender: Role, frame: Frame, now: float) -> None:
+        with _ACCOUNTING_LOCK:
+            observe(sender, frame, now)
+
     clock = time.perf_counter
     while True:
         data = source.recv()
-        out: list[bytes] = []
-        closed = False
-        error: ProtocolError | None = None
         with lock:
-            now = clock()
-            try:
-                splice.receive_data(sender, data)
-                while True:
-                    frame = next_frame(sender)
-                    if isinstance(frame, NeedData):
-                        break
-                    if isinstance(frame.event, ConnectionClosed):
-                        closed = True
-                        break
-                    with _ACCOUNTING_LOCK:
-                        observe(sender, frame, now)
-                    out.append(frame.raw)
-            except ProtocolError as exc:
-                error = exc  # the frames before it still go through, as in `forward`
+            out, closed, error = cut_frames(splice, sender, data, observe_shared, clock())
         if out:
-            sink.send(out[0] if len(out) == 1 else b"".join(out))
+            sink.send(out)
         if error is not None:
             raise error
         if closed:

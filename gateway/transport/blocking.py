@@ -30,6 +30,7 @@ from gateway.transport.compression import (
     Encoder,
     ZstdStream,
 )
+from gateway.transport.direct import std_socket
 
 RAW_RECEIVE_SIZE = 128 * 1024
 TLS_READ_SIZE = 16 * 1024  # one record's plaintext at most: no oversized allocation per call
@@ -112,6 +113,7 @@ class TlsEndpoint(Endpoint):
         self._send_lock = threading.Lock()
         self._eof = False  # close_notify received
         self._raw_eof = False
+        self._fed = True  # bytes may wait in the TLS object: decrypt before reading more
 
     def start(self) -> None:
         super().start()
@@ -125,7 +127,9 @@ class TlsEndpoint(Endpoint):
     def recv(self) -> bytes:
         while True:
             with self._tls_lock:
-                data = self._decrypt()
+                # Only after new bytes (or at the start, when Trio may have left some):
+                # a read with nothing buffered is a wasted OpenSSL call and exception.
+                data, self._fed = (self._decrypt() if self._fed else b""), False
                 out = self._outgoing.read() if self._outgoing.pending else b""
                 if out:
                     # A record the read produced (a KeyUpdate answer): send it in order.
@@ -147,6 +151,7 @@ class TlsEndpoint(Endpoint):
                     self._incoming.write(raw)
                 else:
                     self._incoming.write_eof()
+                self._fed = True
 
     def _decrypt(self) -> bytes:
         """Every plaintext byte the buffered records hold (several records per call)."""
@@ -218,27 +223,23 @@ class ZstdEndpoint:
             return ready
         decoder = self._decoder
         assert decoder is not None, "start() first"
-        while True:
-            try:
+        try:
+            while True:
                 plain = []
                 while (chunk := decoder.next_chunk()) is not None:
                     wire, data = chunk
                     if self._on_bytes is not None:
                         self._on_bytes("decompress", wire, len(data))
                     plain.append(data)
-            except CompressionError as exc:
-                raise LinkBroken(f"zstd: {exc}") from exc
-            if plain:
-                return plain[0] if len(plain) == 1 else b"".join(plain)
-            data = self.inner.recv()
-            if not data:
-                if decoder.pending:
-                    raise LinkBroken(
-                        f"compressed stream ended inside a chunk ({decoder.pending} bytes of it "
-                        "received)"
-                    )
-                return b""
-            decoder.receive_data(data)
+                if plain:
+                    return plain[0] if len(plain) == 1 else b"".join(plain)
+                data = self.inner.recv()
+                if not data:
+                    decoder.check_end()
+                    return b""
+                decoder.receive_data(data)
+        except CompressionError as exc:
+            raise LinkBroken(f"zstd: {exc}") from exc
 
     def send(self, data: bytes) -> None:
         assert self._encoder is not None, "start() first"
@@ -253,14 +254,6 @@ AnyEndpoint = Endpoint | ZstdEndpoint
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def _std_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    # Trio keeps the standard-library socket of a Trio socket in `_sock`.
-    if not isinstance(stream, trio.SocketStream):
-        return None
-    sock = getattr(stream.socket, "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None
 
 
 def endpoint(stream: trio.abc.Stream) -> AnyEndpoint | None:
@@ -280,12 +273,12 @@ def endpoint(stream: trio.abc.Stream) -> AnyEndpoint | None:
 
 
 def _plain_or_tls(stream: trio.abc.Stream) -> Endpoint | None:
-    sock = _std_socket(stream)
+    sock = std_socket(stream)
     if sock is not None:
         return Endpoint(sock)
     if not isinstance(stream, trio.SSLStream):
         return None
-    sock = _std_socket(stream.transport_stream)
+    sock = std_socket(stream.transport_stream)
     tls: Any = stream  # its TLS state is private; checked field by field
     ssl_object = getattr(tls, "_ssl_object", None)
     incoming = getattr(tls, "_incoming", None)

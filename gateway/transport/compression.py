@@ -221,6 +221,13 @@ class Decoder:
         """Feed wire bytes. Nothing is decoded until `next_chunk` asks for it."""
         self._buffer += data
 
+    def check_end(self) -> None:
+        """The stream ended: raise if it ended inside a chunk."""
+        if self._buffer:
+            raise CompressionError(
+                f"compressed stream ended inside a chunk ({len(self._buffer)} bytes of it received)"
+            )
+
     def next_chunk(self) -> tuple[int, bytes] | None:
         """(wire size, plain data) of the next whole chunk, or None until one is in.
 
@@ -426,11 +433,7 @@ class ZstdReceiveStream(trio.abc.ReceiveStream):
                     self.decoder.receive_data(data)
                     continue
                 self._eof = True
-                if self.decoder.pending:
-                    raise CompressionError(
-                        f"compressed stream ended inside a chunk ({self.decoder.pending} "
-                        "bytes of it received)"
-                    )
+                self.decoder.check_end()
             if not awaited:
                 await trio.lowlevel.checkpoint()
             start = self._offset

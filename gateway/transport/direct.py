@@ -116,13 +116,18 @@ def _translate(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceEr
     return trio.BrokenResourceError(str(exc))
 
 
-def _direct(stream: trio.SocketStream) -> trio.abc.Stream:
-    # trio keeps the standard-library socket of a trio socket in `_sock`; without it
-    # (another trio), the stream stays as it is.
+def std_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The standard-library socket under a `trio.SocketStream`, else None."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    # Trio keeps it in `_sock`; without it (another Trio), there is none to drive.
     sock = getattr(stream.socket, "_sock", None)
-    if not isinstance(sock, socket.socket):
-        return stream
-    return DirectSocketStream(stream, sock)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _direct(stream: trio.SocketStream) -> trio.abc.Stream:
+    sock = std_socket(stream)
+    return stream if sock is None else DirectSocketStream(stream, sock)
 
 
 def direct_io(stream: trio.abc.Stream) -> trio.abc.Stream:
