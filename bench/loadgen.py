@@ -30,7 +30,9 @@ from gateway.protocol import (
     RetSubmit,
     RetUnlink,
     Role,
+    Setup,
 )
+from gateway.protocol.descriptors import GET_DESCRIPTOR, SET_CONFIGURATION
 from gateway.sim.gadget_zero import Pattern, PatternBuffer
 
 RECEIVE_SIZE = 1024 * 1024
@@ -84,7 +86,9 @@ class Device:
                 await trio.aclose_forcefully(stream)
                 raise
             if isinstance(reply, OpReplyImport) and reply.device is not None:
-                return cls(stream, conn, reply.device.devid)
+                device = cls(stream, conn, reply.device.devid)
+                await device._enumerate()
+                return device
             await trio.aclose_forcefully(stream)
             busy = isinstance(reply, OpReplyImport) and reply.status == OpStatus.DEV_BUSY
             if not busy or trio.current_time() > deadline:
@@ -101,6 +105,32 @@ class Device:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    async def _enumerate(self) -> None:
+        """GET_DESCRIPTOR(configuration) and SET_CONFIGURATION, as usbcore does first:
+        the gateways frame URBs by the endpoints they learn from it."""
+
+        async def control(setup: Setup) -> RetSubmit:
+            seqnum = next(self._seqnums)
+            cmd = CmdSubmit(
+                seqnum=seqnum,
+                devid=self.devid,
+                direction=Direction.IN if setup.is_in else Direction.OUT,
+                ep=0,
+                transfer_buffer_length=setup.length,
+                setup=setup.encode(),
+            )
+            await self.stream.send_all(self.conn.send(cmd))
+            reply = await self._next(self.stream, self.conn)
+            if not isinstance(reply, RetSubmit) or reply.status != 0:
+                raise BenchError(f"enumeration failed: {reply!r}")
+            return reply
+
+        header = await control(Setup(0x80, GET_DESCRIPTOR, 0x0200, 0, 9))
+        whole = await control(
+            Setup(0x80, GET_DESCRIPTOR, 0x0200, 0, int.from_bytes(header.data[2:4], "little"))
+        )
+        await control(Setup(0x00, SET_CONFIGURATION, whole.data[5], 0, 0))
 
     def _submit(self, direction: Direction, size: int) -> tuple[int, bytes]:
         seqnum = next(self._seqnums)

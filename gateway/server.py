@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -20,12 +21,13 @@ import trio
 from gateway.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.audit import AuditLog
 from gateway.config import ServerConfig
-from gateway.facts import NoStrings, StringSource, SysfsStrings
+from gateway.facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
 from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.policy import DeviceFacts, Target
 from gateway.protocol import (
     ConnectionClosed,
+    DeviceInfo,
     ExportedDevice,
     Frame,
     OpReplyDevlist,
@@ -86,6 +88,7 @@ class ServerGateway:
         tls: ReloadableContext | None = None,
         strings: StringSource | None = None,
         audit: AuditLog | None = None,
+        layouts: SysfsLayout | None = None,
     ) -> None:
         self.config = config
         self.tls = tls or ReloadableContext.server(
@@ -96,9 +99,11 @@ class ServerGateway:
             crl=config.tls.crl,
             alpn=alpn_protocols(config.compression.enabled),
         )
+        sysfs = config.policy.sysfs
         if strings is None:
-            sysfs = config.policy.sysfs
             strings = SysfsStrings(sysfs) if sysfs is not None else NoStrings()
+        # Where usbip-host's devices are visible, URBs are framed by their own sysfs.
+        self.layouts = layouts or (SysfsLayout(sysfs) if sysfs is not None else None)
         self.audit = audit or AuditLog(config.audit.path)
         self.access = AccessControl(
             PolicyFile(config.policy.file), strings, self.audit, self._list_upstream
@@ -314,6 +319,9 @@ class ServerGateway:
             if facts is None:
                 session.outcome = "device changed between decision and import; now denied"
                 return  # closing usbipd's socket frees the device
+            if not self._load_layout(splice, reply.event.device):
+                session.outcome = "device layout in sysfs unreadable or not the imported device"
+                return
             await client.send_all(reply.raw)
             await self._attached_relay(
                 client=client,
@@ -382,6 +390,27 @@ class ServerGateway:
             return facts
         decision = self.access.recheck(identity, facts)
         return facts if decision.target is Target.ALLOW else None
+
+    def _load_layout(self, splice: Splice, device: DeviceInfo) -> bool:
+        """Tie the device's endpoint layout, as usbcore here holds it, to this session.
+
+        From sysfs where the device is visible (the authoritative source); where it is
+        not (usbipd on another host or in a VM), the codec learns it from the session's
+        own descriptors and lets only endpoint 0 through until then. A device that sysfs
+        shows but cannot be read consistently is refused.
+        """
+        layouts = self.layouts
+        if layouts is None or not layouts.present(device.busid):
+            log.debug("%s: no sysfs view, endpoints learned in the session", device.busid)
+            return True
+        seen = layouts.read(device.busid, device.busnum, device.devnum)
+        if seen is None:
+            log.warning("%s: sysfs descriptors unreadable or of another device", device.busid)
+            return False
+        state = splice.state
+        state.layout.load(seen.configurations, seen.active, seen.alternates)
+        state.confirm_layout = partial(layouts.current, device.busid)
+        return True
 
     async def _attached_relay(
         self,

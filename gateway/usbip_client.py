@@ -32,7 +32,7 @@ from gateway.protocol import (
     RetUnlink,
     Role,
 )
-from gateway.protocol.descriptors import Setup
+from gateway.protocol.descriptors import GET_DESCRIPTOR, SET_CONFIGURATION, Setup
 
 RECEIVE_SIZE = 256 * 1024
 
@@ -197,20 +197,60 @@ class ImportedDevice:
     async def aclose(self) -> None:
         await self._link.stream.aclose()
 
+    async def enumerate(self) -> None:
+        """What usbcore does before any driver uses the device: read the first
+        configuration's descriptors, then SET_CONFIGURATION. Relays on the way (and
+        this end's codec) learn the endpoints from it. Run before `serve()`."""
+        header = await self._control_now(Setup(0x80, GET_DESCRIPTOR, 0x0200, 0, 9))
+        if header.status != 0 or len(header.data) < 9:
+            raise ConnectionError(f"no configuration descriptor (status {header.status})")
+        total = int.from_bytes(header.data[2:4], "little")
+        whole = await self._control_now(Setup(0x80, GET_DESCRIPTOR, 0x0200, 0, total))
+        if whole.status != 0 or len(whole.data) != total:
+            raise ConnectionError(f"configuration descriptor short (status {whole.status})")
+        done = await self._control_now(Setup(0x00, SET_CONFIGURATION, whole.data[5], 0, 0))
+        if done.status != 0:
+            raise ConnectionError(f"SET_CONFIGURATION failed with status {done.status}")
+
+    async def _control_now(self, setup: Setup) -> RetSubmit:
+        seqnum = self.next_seqnum()
+        await self._link.send(
+            CmdSubmit(
+                seqnum=seqnum,
+                devid=self.device.devid,
+                direction=Direction.IN if setup.is_in else Direction.OUT,
+                ep=0,
+                transfer_buffer_length=setup.length,
+                setup=setup.encode(),
+            )
+        )
+        reply = await self._link.next_event()
+        if not isinstance(reply, RetSubmit) or reply.seqnum != seqnum:
+            raise ConnectionError(f"no answer to control request {setup}: {reply!r}")
+        return reply
+
 
 async def import_device(
-    stream: trio.abc.Stream, busid: str, limits: Limits | None = None
+    stream: trio.abc.Stream,
+    busid: str,
+    limits: Limits | None = None,
+    *,
+    enumerate: bool = True,
 ) -> ImportedDevice:
-    """IMPORT `busid`; the stream then carries its URBs. Closed if the import fails."""
+    """IMPORT `busid` (and, unless told otherwise, enumerate it); the stream then
+    carries its URBs. Closed if the import fails."""
     link = _Link(stream, limits)
     try:
         await link.send(OpRequestImport(busid))
         reply = await link.next_event()
+        if isinstance(reply, OpReplyImport) and reply.device is not None:
+            device = ImportedDevice(link, reply.device)
+            if enumerate:
+                await device.enumerate()
+            return device
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    if isinstance(reply, OpReplyImport) and reply.device is not None:
-        return ImportedDevice(link, reply.device)
     await trio.aclose_forcefully(stream)
     if isinstance(reply, OpReplyImport):
         raise ImportRefused(busid, reply.status)

@@ -12,7 +12,7 @@ from .constants import (
     TransferType,
     UrbCommand,
 )
-from .descriptors import EndpointMap, Setup, parse_configuration
+from .descriptors import Configuration, Setup, parse_configuration, split_descriptors
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
     CmdSubmit,
@@ -28,6 +28,7 @@ from .events import (
     RetUnlink,
     UrbEvent,
 )
+from .layout import DeviceLayout
 from .records import DeviceInfo, ExportedDevice, InterfaceInfo, check_busid
 from .state import Limits, PendingUrb, Phase, ProtocolState, Role
 
@@ -38,11 +39,12 @@ __all__ = [
     "NO_ISO_PACKETS",
     "CmdSubmit",
     "CmdUnlink",
+    "Configuration",
     "Connection",
     "ConnectionClosed",
     "DeviceInfo",
+    "DeviceLayout",
     "Direction",
-    "EndpointMap",
     "Event",
     "ExportedDevice",
     "Frame",
@@ -73,4 +75,5 @@ __all__ = [
     "UrbEvent",
     "check_busid",
     "parse_configuration",
+    "split_descriptors",
 ]

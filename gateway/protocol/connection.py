@@ -14,7 +14,6 @@ from typing import Final
 
 from .constants import (
     ISO_DESCRIPTOR,
-    NO_ISO_PACKETS,
     OP_HEADER,
     URB_HEADER_SIZE,
     USBIP_VERSION,
@@ -290,12 +289,11 @@ class _Reader:
                     f"0..{state.limits.max_transfer_length}"
                 )
             direction = Direction(direction)
-            iso = state.is_iso(ep, direction, np)
-            if iso and not 0 < np <= state.limits.max_iso_packets:
-                raise RemoteProtocolError(
-                    f"{np if np != NO_ISO_PACKETS else -1} ISO packets is outside "
-                    f"1..{state.limits.max_iso_packets}"
-                )
+            # Cut where usbip-host will: by the endpoint the device has, decided from
+            # the header alone, before waiting for (or forwarding) any payload.
+            reason, iso = state.framing_error(ep, direction, np, flags, length)
+            if reason is not None:
+                raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
             if len(buf) < end:

@@ -21,6 +21,9 @@ PATH_SIZE = 256
 # The kernel stub refuses more (USBIP_MAX_ISO_PACKETS); we refuse them earlier.
 KERNEL_MAX_ISO_PACKETS = 1024
 
+# transfer_flags bit of a scatter-gather URB (include/uapi/linux/usbip.h).
+URB_DMA_MAP_SG = 0x00040000
+
 ECONNRESET = 104
 
 

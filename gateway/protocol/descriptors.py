@@ -1,9 +1,9 @@
-"""USB descriptors, as far as a relay needs them.
+"""USB descriptors, read as usbcore reads them (drivers/usb/core/config.c).
 
-RET_SUBMIT framing and metrics both need each endpoint's transfer type, which USB/IP
-never states. It is learned by watching enumeration: the configuration descriptors a
-GET_DESCRIPTOR returns, then SET_CONFIGURATION and SET_INTERFACE. Descriptors come
-from the device side and are advisory: malformed ones are ignored, never fatal.
+The kernel frames a CMD_SUBMIT by the endpoint as usbcore keeps it, so the gateway
+must know the same set of endpoints: the rules by which usbcore skips an endpoint
+descriptor are followed here, and what they do not cover marks a configuration
+irregular (see docs/wire-framing.md). Descriptors that cannot be parsed teach nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .constants import Direction, TransferType
+from .constants import TransferType
 
 # bmRequestType / bRequest of the standard requests that change what endpoints exist.
 GET_DESCRIPTOR = 0x06
@@ -69,6 +69,10 @@ class Endpoint:
     def transfer_type(self) -> TransferType:
         return TransferType(self.attributes & 0x3)
 
+    @property
+    def number(self) -> int:
+        return self.address & 0x0F
+
 
 @dataclass(frozen=True, slots=True)
 class AltSetting:
@@ -80,98 +84,115 @@ class AltSetting:
     endpoints: tuple[Endpoint, ...]
 
 
-def parse_configuration(data: bytes) -> tuple[int, tuple[AltSetting, ...]] | None:
-    """(bConfigurationValue, alt settings) of a whole configuration descriptor set.
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """One configuration as usbcore keeps it (drivers/usb/core/config.c).
 
-    None when `data` is not a complete, well-formed set (the kernel first reads only
-    the 9-byte header to learn wTotalLength).
+    `irregular` says why usbcore's reading of the descriptors cannot be predicted (then
+    no endpoint but 0 may be used through the gateway); None when it can.
+    """
+
+    value: int
+    num_interfaces: int
+    alts: tuple[AltSetting, ...]
+    irregular: str | None = None
+
+
+# usbcore keeps at most this many endpoints per alt setting (USB_MAXENDPOINTS).
+_MAX_ENDPOINTS = 30
+
+
+def _duplicate(
+    accepted: list[tuple[int, int, Endpoint]], inum: int, asnum: int, e: Endpoint
+) -> bool:
+    """config.c `config_endpoint_is_duplicate`: the same address (or, for a control
+    endpoint, the same number) already taken in this alt setting or another interface."""
+    control = e.transfer_type is TransferType.CONTROL
+    for i, a, other in accepted:
+        if i == inum and a != asnum:
+            continue
+        if other.address == e.address:
+            return True
+        if (control or other.transfer_type is TransferType.CONTROL) and other.number == e.number:
+            return True
+    return False
+
+
+def parse_configuration(data: bytes) -> Configuration | None:
+    """A whole configuration descriptor set, read with usbcore's rules.
+
+    None when `data` is not a complete set (the kernel first reads only the 9-byte
+    header to learn wTotalLength). Endpoints usbcore skips are skipped here too: a short
+    descriptor, number 0 or above 15 (reserved bits set), more than bNumEndpoints (at
+    most 30), a duplicate address. What usbcore would read in a way this parser does not
+    model makes the configuration `irregular`.
     """
     if len(data) < 9 or data[1] != DESC_CONFIGURATION or data[0] < 9:
         return None
     total = int.from_bytes(data[2:4], "little")
-    if total > len(data):
+    if total > len(data) or total < data[0]:
         return None
-    value = data[5]
+    value, num_interfaces = data[5], data[4]
     alts: list[AltSetting] = []
+    accepted: list[tuple[int, int, Endpoint]] = []
+    irregular: str | None = None
+    seen: set[tuple[int, int]] = set()
     current: tuple[int, int, int, int, int] | None = None
+    room = 0
     endpoints: list[Endpoint] = []
     pos = data[0]
     while pos + 2 <= total:
         length, kind = data[pos], data[pos + 1]
         if length < 2 or pos + length > total:
-            return None
-        if kind == DESC_INTERFACE and length >= 9:
+            irregular = irregular or f"a descriptor of length {length} at offset {pos}"
+            break
+        if kind == DESC_INTERFACE:
             if current is not None:
                 alts.append(AltSetting(*current, endpoints=tuple(endpoints)))
-            current = (data[pos + 2], data[pos + 3], data[pos + 5], data[pos + 6], data[pos + 7])
-            endpoints = []
-        elif kind == DESC_ENDPOINT and length >= 7 and current is not None:
-            endpoints.append(
-                Endpoint(
-                    address=data[pos + 2],
-                    attributes=data[pos + 3],
-                    max_packet_size=int.from_bytes(data[pos + 4 : pos + 6], "little"),
-                    interval=data[pos + 6],
-                )
+            current, endpoints = None, []
+            if length < 9:
+                irregular = irregular or f"an interface descriptor of length {length}"
+            else:
+                inum, asnum = data[pos + 2], data[pos + 3]
+                if inum >= num_interfaces or (inum, asnum) in seen:
+                    irregular = (
+                        irregular or f"interface {inum} alt setting {asnum} is invalid or repeated"
+                    )
+                seen.add((inum, asnum))
+                current = (inum, asnum, data[pos + 5], data[pos + 6], data[pos + 7])
+                room = min(data[pos + 4], _MAX_ENDPOINTS)
+        elif kind == DESC_ENDPOINT and current is not None and length >= 7:
+            endpoint = Endpoint(
+                address=data[pos + 2],
+                attributes=data[pos + 3],
+                max_packet_size=int.from_bytes(data[pos + 4 : pos + 6], "little"),
+                interval=data[pos + 6],
             )
+            # config.c skips number 0 and anything above 15 (reserved bits set) first.
+            usable = 0 < endpoint.address & 0x7F < 16 and len(endpoints) < room
+            if usable and not _duplicate(accepted, current[0], current[1], endpoint):
+                endpoints.append(endpoint)
+                accepted.append((current[0], current[1], endpoint))
         pos += length
     if current is not None:
         alts.append(AltSetting(*current, endpoints=tuple(endpoints)))
-    return value, tuple(alts)
+    return Configuration(value, num_interfaces, tuple(alts), irregular)
 
 
-class EndpointMap:
-    """Transfer type of each endpoint of the active configuration and alt settings."""
-
-    def __init__(self, configuration_value: int = 0) -> None:
-        self._configs: dict[int, tuple[AltSetting, ...]] = {}
-        self._active = configuration_value
-        self._alts: dict[int, int] = {}
-        self._types: dict[int, TransferType] = {}
-
-    @property
-    def active_configuration(self) -> int:
-        return self._active
-
-    def interfaces(self) -> tuple[AltSetting, ...]:
-        """The active alt setting of each interface of the active configuration."""
-        alts = self._configs.get(self._active, ())
-        return tuple(a for a in alts if a.alternate == self._alts.get(a.interface, 0))
-
-    def transfer_type(self, ep: int, direction: Direction) -> TransferType:
-        if ep == 0:
-            return TransferType.CONTROL
-        address = ep | (0x80 if direction == Direction.IN else 0)
-        return self._types.get(address, TransferType.UNKNOWN)
-
-    def learn_configuration(self, data: bytes) -> None:
-        parsed = parse_configuration(data)
-        if parsed is not None:
-            self._configs[parsed[0]] = parsed[1]
-            self._rebuild()
-
-    def set_configuration(self, value: int) -> None:
-        self._active = value
-        self._alts.clear()
-        self._rebuild()
-
-    def set_interface(self, interface: int, alternate: int) -> None:
-        self._alts[interface] = alternate
-        self._rebuild()
-
-    def control_completed(self, setup: Setup, data: bytes) -> None:
-        """Update from a control URB that completed with status 0."""
-        if setup.kind != 0:
-            return
-        wants_config = setup.value >> 8 == DESC_CONFIGURATION
-        if setup.request == GET_DESCRIPTOR and setup.is_in and wants_config:
-            self.learn_configuration(data)
-        elif setup.request == SET_CONFIGURATION and setup.request_type == 0x00:
-            self.set_configuration(setup.value & 0xFF)
-        elif setup.request == SET_INTERFACE and setup.request_type == 0x01:
-            self.set_interface(setup.index & 0xFF, setup.value & 0xFF)
-
-    def _rebuild(self) -> None:
-        self._types = {
-            ep.address: ep.transfer_type for alt in self.interfaces() for ep in alt.endpoints
-        }
+def split_descriptors(raw: bytes) -> tuple[Configuration, ...] | None:
+    """The configurations of a sysfs `descriptors` file (the 18-byte device descriptor,
+    then each configuration's wTotalLength bytes, as usbcore read them); None if malformed."""
+    if len(raw) < 18 or raw[0] != 18 or raw[1] != DESC_DEVICE:
+        return None
+    configs: list[Configuration] = []
+    pos = 18
+    while pos < len(raw):
+        if len(raw) - pos < 9:
+            return None
+        total = int.from_bytes(raw[pos + 2 : pos + 4], "little")
+        parsed = parse_configuration(raw[pos : pos + total]) if total >= 9 else None
+        if parsed is None:
+            return None
+        configs.append(parsed)
+        pos += total
+    return tuple(configs)

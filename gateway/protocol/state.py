@@ -9,10 +9,18 @@ order, whoever sent it, and raises the error class the caller names.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .constants import KERNEL_MAX_ISO_PACKETS, NO_ISO_PACKETS, Direction, OpStatus, TransferType
-from .descriptors import EndpointMap, Setup
+from .constants import (
+    KERNEL_MAX_ISO_PACKETS,
+    NO_ISO_PACKETS,
+    URB_DMA_MAP_SG,
+    Direction,
+    OpStatus,
+    TransferType,
+)
+from .descriptors import Setup
 from .errors import ProtocolError
 from .events import (
     CmdSubmit,
@@ -25,6 +33,7 @@ from .events import (
     RetSubmit,
     RetUnlink,
 )
+from .layout import DeviceLayout, LayoutChange, layout_change
 from .records import DeviceInfo
 
 
@@ -81,6 +90,7 @@ class PendingUrb:
     setup: Setup | None = None
     submitted_at: float = 0.0
     unlinked: bool = False
+    change: LayoutChange | None = None  # a SET_CONFIGURATION/SET_INTERFACE the stub runs
 
 
 def event_name(event: Event) -> str:
@@ -93,7 +103,10 @@ class ProtocolState:
         self.phase = Phase.OP_REQUEST
         self.requested_busid: str | None = None
         self.imported: DeviceInfo | None = None
-        self.endpoints = EndpointMap()
+        self.layout = DeviceLayout()
+        # Where the exporting host's own view can be read after a layout change (the
+        # server gateway's sysfs): returns (active configuration, {interface: alt}).
+        self.confirm_layout: Callable[[], tuple[int, Mapping[int, int]] | None] | None = None
         self.pending: dict[int, PendingUrb] = {}
         self._unlinks: dict[int, int] = {}  # CMD_UNLINK seqnum -> seqnum it unlinks
         # URBs whose unlink was answered while they were still pending here. Usually no
@@ -105,14 +118,37 @@ class ProtocolState:
         """The URB a RET_SUBMIT for `seqnum` would complete, if one may come."""
         return self.pending.get(seqnum) or self._answered.get(seqnum)
 
-    def transfer_type(self, ep: int, direction: Direction) -> TransferType:
-        return self.endpoints.transfer_type(ep, direction)
+    def transfer_type(self, ep: int, direction: Direction) -> TransferType | None:
+        """The endpoint as usbip-host will find it: None if absent, UNKNOWN if unknowable."""
+        return self.layout.transfer_type(ep, direction)
 
-    def is_iso(self, ep: int, direction: Direction, number_of_packets: int) -> bool:
-        kind = self.endpoints.transfer_type(ep, direction)
+    def framing_error(
+        self, ep: int, direction: Direction, number_of_packets: int, flags: int, length: int
+    ) -> tuple[str | None, bool]:
+        """Why usbip-host might cut this CMD_SUBMIT otherwise than the header suggests
+        (None if it cannot), and whether it carries ISO descriptors (stub_rx.c)."""
+        kind = self.layout.transfer_type(ep, direction)
+        where = f"endpoint {ep} {direction.name}"
+        if kind is None:
+            return f"{where} does not exist on the device (usbip-host would read no payload)", False
         if kind is TransferType.UNKNOWN:
-            return number_of_packets not in (0, NO_ISO_PACKETS)
-        return kind is TransferType.ISOCHRONOUS
+            return (
+                f"the type of {where} is not known for certain (descriptors not seen, or "
+                "a configuration or alt setting change not settled)"
+            ), False
+        np = number_of_packets
+        if kind is TransferType.ISOCHRONOUS:
+            if not 0 < np <= self.limits.max_iso_packets:
+                shown = np if np != NO_ISO_PACKETS else -1
+                return (
+                    f"{shown} ISO packets on isochronous {where} is outside "
+                    f"1..{self.limits.max_iso_packets}"
+                ), True
+        elif np not in (0, NO_ISO_PACKETS):
+            return f"number_of_packets {np} on {kind.name.lower()} {where}", False
+        if flags & URB_DMA_MAP_SG and length == 0:
+            return "a scatter-gather URB with no buffer (usbip-host drops the connection)", False
+        return None, kind is TransferType.ISOCHRONOUS
 
     def apply(self, sender: Role, event: Event, error: type[ProtocolError]) -> PendingUrb | None:
         """Check `event` from `sender` against the state and advance it.
@@ -171,7 +207,7 @@ class ProtocolState:
                 f"not the requested {self.requested_busid!r}"
             )
         self.imported = event.device
-        self.endpoints = EndpointMap(event.device.configuration_value)
+        self.layout = DeviceLayout(event.device.configuration_value)
         self.phase = Phase.URB
 
     def _check_devid(self, devid: int, error: type[ProtocolError]) -> None:
@@ -194,14 +230,19 @@ class ProtocolState:
                 f"transfer_buffer_length {event.transfer_buffer_length} is over the "
                 f"limit of {limits.max_transfer_length}"
             )
-        kind = self.endpoints.transfer_type(event.ep, event.direction)
+        reason, iso = self.framing_error(
+            event.ep,
+            event.direction,
+            event.number_of_packets,
+            event.transfer_flags,
+            event.transfer_buffer_length,
+        )
+        if reason is not None:
+            raise error(reason)
+        kind = self.layout.transfer_type(event.ep, event.direction)
+        assert kind is not None
         np = event.number_of_packets
-        iso = self.is_iso(event.ep, event.direction, np)
         if iso:
-            if np in (0, NO_ISO_PACKETS):
-                raise error("isochronous URB without a packet count")
-            if np > limits.max_iso_packets:
-                raise error(f"{np} ISO packets is over the limit of {limits.max_iso_packets}")
             if len(event.iso_packets) != np:
                 raise error(f"isochronous URB needs {np} packet descriptors")
             for i, p in enumerate(event.iso_packets):
@@ -210,8 +251,16 @@ class ProtocolState:
                         f"ISO packet {i} ends at {p.offset + p.length}, past the "
                         f"{event.transfer_buffer_length}-byte buffer"
                     )
+            # usbip_recv_iso: the packets' actual lengths must add up to the URB's
+            # actual_length, which is 0 on a new URB; otherwise the stub drops the link.
+            if any(p.actual_length for p in event.iso_packets):
+                raise error("a CMD_SUBMIT's ISO packets report actual lengths")
         elif event.iso_packets:
             raise error("ISO packet descriptors on a non-isochronous URB")
+        setup = Setup.decode(event.setup) if event.ep == 0 else None
+        change = None if setup is None else layout_change(setup)
+        if change is not None:
+            self.layout.submitted(change)
         urb = PendingUrb(
             seqnum=event.seqnum,
             ep=event.ep,
@@ -220,7 +269,8 @@ class ProtocolState:
             iso=iso,
             transfer_buffer_length=event.transfer_buffer_length,
             number_of_packets=np if iso else 0,
-            setup=Setup.decode(event.setup) if event.ep == 0 else None,
+            setup=setup,
+            change=change,
         )
         self.pending[event.seqnum] = urb
         self._answered.pop(event.seqnum, None)
@@ -254,15 +304,24 @@ class ProtocolState:
                         f"outside its {p.length} bytes or the "
                         f"{urb.transfer_buffer_length}-byte buffer"
                     )
-            if urb.direction == Direction.IN and (
-                sum(p.actual_length for p in event.iso_packets) != event.actual_length
-            ):
+            # usbip_recv_iso checks the sum in both directions whenever packets follow.
+            if np and sum(p.actual_length for p in event.iso_packets) != event.actual_length:
                 raise error("ISO packet lengths do not add up to actual_length")
         elif event.iso_packets:
             raise error("ISO packet descriptors on a non-isochronous URB")
-        if urb.setup is not None and event.status == 0:
-            self.endpoints.control_completed(urb.setup, event.data)
+        if urb.setup is not None:
+            self.layout.control_completed(urb.setup, event.status, event.data)
+        if urb.change is not None:
+            self._layout_settled(urb.change, event.status)
         return urb
+
+    def _layout_settled(self, change: LayoutChange, status: int) -> None:
+        self.layout.completed(change, status)
+        if self.confirm_layout is not None:
+            # The stub carried the change out before answering: its host now knows.
+            seen = self.confirm_layout()
+            if seen is not None:
+                self.layout.confirm(*seen)
 
     def _unlink(self, event: CmdUnlink, error: type[ProtocolError]) -> PendingUrb | None:
         self._check_devid(event.devid, error)

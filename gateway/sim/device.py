@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import DeviceInfo, Direction, ExportedDevice, InterfaceInfo, Setup, Speed
+from ..protocol import (
+    Configuration,
+    DeviceInfo,
+    Direction,
+    ExportedDevice,
+    InterfaceInfo,
+    Setup,
+    Speed,
+    parse_configuration,
+)
 from .descriptors import (
     DT_CONFIG,
     DT_DEVICE,
@@ -229,6 +238,15 @@ class SimDevice:
     def endpoint(self, address: int) -> EndpointDescriptor | None:
         """An endpoint of the active configuration and alternate settings."""
         return self._endpoints.get(address)
+
+    def parsed_configurations(self) -> tuple[Configuration, ...]:
+        """Every configuration as usbcore would parse it (for framing URBs)."""
+        parsed = (parse_configuration(c.encode(self.high_speed)) for c in self.configurations)
+        return tuple(c for c in parsed if c is not None)
+
+    def layout_state(self) -> tuple[int, dict[int, int]]:
+        """The active configuration and alt settings, as sysfs would show them."""
+        return self.configuration, dict(self.alternates)
 
     def configuration_descriptor(self, index: int, kind: int = DT_CONFIG) -> bytes | None:
         if not 0 <= index < len(self.configurations):

@@ -173,6 +173,9 @@ class SimServer:
         try:
             device.reset()
             await self._send(stream, conn.send(OpReplyImport(OpStatus.OK, device.info())))
+            # Like usbip-host, the simulator frames URBs by its own device's endpoints.
+            conn.state.layout.load(device.parsed_configurations(), device.configuration, {})
+            conn.state.confirm_layout = device.layout_state
             self.imports += 1
             log.info("imported %s", busid)
             await _UrbSession(self, device, stream, conn).run()

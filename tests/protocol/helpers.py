@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, settings
 
 from gateway.protocol import (
     NEED_DATA,
+    CmdSubmit,
     Connection,
     DeviceInfo,
+    Direction,
     Event,
     ExportedDevice,
     InterfaceInfo,
@@ -22,6 +24,7 @@ from gateway.protocol import (
     OpRequestImport,
     OpStatus,
     Phase,
+    RetSubmit,
     Role,
     Speed,
     Splice,
@@ -96,6 +99,44 @@ def config_descriptor(value: int, alts: Iterable[AltSpec]) -> bytes:
     return head + body
 
 
+# The device the codec tests import: every endpoint number in both directions, so that
+# any URB a test makes has an endpoint; the type decides the framing.
+BULK_EPS = range(1, 8)
+ISO_EPS = range(8, 12)
+INTERRUPT_EPS = range(12, 16)
+TEST_CONFIG_VALUE = 1
+TEST_CONFIG = config_descriptor(
+    TEST_CONFIG_VALUE,
+    [
+        (
+            0,
+            0,
+            [(n, 0x02) for n in BULK_EPS]
+            + [(0x80 | n, 0x02) for n in BULK_EPS]
+            + [(n, 0x01) for n in ISO_EPS]
+            + [(0x80 | n, 0x05) for n in ISO_EPS]
+            + [(n, 0x03) for n in INTERRUPT_EPS]
+            + [(0x80 | n, 0x03) for n in INTERRUPT_EPS],
+        )
+    ],
+)
+# Seqnums of the enumeration URBs; strategies draw theirs below this.
+ENUMERATION_SEQNUM = 0xFFFFFF00
+
+
+def enumeration_steps(devid: int, config: bytes = TEST_CONFIG) -> list[tuple[Role, Event]]:
+    """GET_DESCRIPTOR(configuration) and SET_CONFIGURATION, answered: the layout is known."""
+    get = get_config_setup(len(config))
+    setc = setup_packet(0x00, 0x09, config[5], 0, 0)
+    seq = ENUMERATION_SEQNUM
+    return [
+        (Role.CLIENT, CmdSubmit(seq, devid, Direction.IN, 0, len(config), setup=get)),
+        (Role.SERVER, RetSubmit(seq, 0, len(config), data=config)),
+        (Role.CLIENT, CmdSubmit(seq + 1, devid, Direction.OUT, 0, 0, setup=setc)),
+        (Role.SERVER, RetSubmit(seq + 1, 0, 0)),
+    ]
+
+
 def setup_packet(request_type: int, request: int, value: int, index: int, length: int) -> bytes:
     return struct.pack("<BBHHH", request_type, request, value, index, length)
 
@@ -144,18 +185,25 @@ class Trio:
         assert receiver.next_event() is NEED_DATA
         return raw
 
-    def import_device(self, info: DeviceInfo | None = None) -> DeviceInfo:
+    def import_device(
+        self, info: DeviceInfo | None = None, *, enumerate: bool = True
+    ) -> DeviceInfo:
         info = info or device()
         self.exchange(Role.CLIENT, OpRequestImport(info.busid))
         self.exchange(Role.SERVER, OpReplyImport(OpStatus.OK, info))
         for phase in (self.client.phase, self.server.phase, self.splice.phase):
             assert phase is Phase.URB
+        if enumerate:
+            for sender, event in enumeration_steps(info.devid):
+                self.exchange(sender, event)
         return info
 
 
-def imported_trio(limits: Limits | None = None, info: DeviceInfo | None = None) -> Trio:
+def imported_trio(
+    limits: Limits | None = None, info: DeviceInfo | None = None, *, enumerate: bool = True
+) -> Trio:
     trio = Trio.new(limits)
-    trio.import_device(info)
+    trio.import_device(info, enumerate=enumerate)
     return trio
 
 

@@ -20,7 +20,16 @@ from gateway.protocol import (
     Role,
 )
 
-from .helpers import DEVID, device, exported, get_config_setup, setup_packet
+from .helpers import (
+    DEVID,
+    INTERRUPT_EPS,
+    ISO_EPS,
+    device,
+    enumeration_steps,
+    exported,
+    get_config_setup,
+    setup_packet,
+)
 
 C, S = Role.CLIENT, Role.SERVER
 Steps = list[tuple[Role, Event]]
@@ -30,7 +39,8 @@ FAILED_STATUSES = [OpStatus.NA, OpStatus.DEV_BUSY, OpStatus.DEV_ERR, OpStatus.NO
 
 def _import() -> Steps:
     info = device()
-    return [(C, OpRequestImport(info.busid)), (S, OpReplyImport(OpStatus.OK, info))]
+    steps: Steps = [(C, OpRequestImport(info.busid)), (S, OpReplyImport(OpStatus.OK, info))]
+    return steps + enumeration_steps(info.devid)
 
 
 def _iso_packets(lengths: list[int], actual: list[int] | None = None) -> tuple[IsoPacket, ...]:
@@ -97,7 +107,7 @@ def urb_scenarios() -> dict[str, Steps]:
         seqnum=0xFFFFFFFF,
         devid=DEVID,
         direction=Direction.IN,
-        ep=3,
+        ep=INTERRUPT_EPS[0],
         transfer_buffer_length=8,
         interval=4,
     )
@@ -106,7 +116,7 @@ def urb_scenarios() -> dict[str, Steps]:
         seqnum=41,
         devid=DEVID,
         direction=Direction.OUT,
-        ep=4,
+        ep=ISO_EPS[0],
         transfer_buffer_length=sum(iso_lengths),
         transfer_flags=0x2,
         start_frame=-1,
@@ -119,7 +129,7 @@ def urb_scenarios() -> dict[str, Steps]:
         seqnum=43,
         devid=DEVID,
         direction=Direction.IN,
-        ep=5,
+        ep=ISO_EPS[1],
         transfer_buffer_length=sum(iso_lengths),
         start_frame=1234,
         number_of_packets=3,

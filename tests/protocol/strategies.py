@@ -25,6 +25,9 @@ from gateway.protocol import (
     Role,
     check_busid,
 )
+from gateway.protocol.constants import URB_DMA_MAP_SG
+
+from .helpers import ENUMERATION_SEQNUM, ISO_EPS, enumeration_steps
 
 C, S = Role.CLIENT, Role.SERVER
 Steps = list[tuple[Role, Event]]
@@ -33,7 +36,7 @@ u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 s32 = st.integers(-(2**31), 2**31 - 1)
-seqnums = u32
+seqnums = st.integers(0, ENUMERATION_SEQNUM - 1)  # the enumeration's are above
 
 busids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9.:_-]{0,30}", fullmatch=True).filter(
     lambda b: check_busid(b) is None
@@ -96,10 +99,10 @@ def op_conversations(draw: st.DrawFn) -> Steps:
 
 @st.composite
 def submits(draw: st.DrawFn, seqnum: int, devid: int) -> CmdSubmit:
-    """A CMD_SUBMIT to an endpoint whose type is unknown, so number_of_packets decides."""
+    """A CMD_SUBMIT to an endpoint of the test device (`helpers.TEST_CONFIG`)."""
     direction = draw(st.sampled_from(Direction))
     ep = draw(st.integers(0, 15))
-    iso = ep != 0 and draw(st.booleans())
+    iso = ep in ISO_EPS
     if iso:
         lengths = draw(st.lists(st.integers(0, 16), min_size=1, max_size=5))
         offsets = [sum(lengths[:i]) for i in range(len(lengths))]
@@ -116,7 +119,8 @@ def submits(draw: st.DrawFn, seqnum: int, devid: int) -> CmdSubmit:
         direction=direction,
         ep=ep,
         transfer_buffer_length=length,
-        transfer_flags=draw(u32),
+        # usbip-host drops a scatter-gather URB without a buffer; the codec refuses it
+        transfer_flags=draw(u32) & ~(URB_DMA_MAP_SG if length == 0 else 0),
         start_frame=draw(s32),
         number_of_packets=np,
         interval=draw(s32),
@@ -163,6 +167,7 @@ def urb_conversations(draw: st.DrawFn) -> Steps:
     """An import, then submits, some unlinks, and every URB finished in a shuffled order."""
     info = draw(device_infos(max_interfaces=1))
     steps: Steps = [(C, OpRequestImport(info.busid)), (S, OpReplyImport(OpStatus.OK, info))]
+    steps += enumeration_steps(info.devid)
     count = draw(st.integers(1, 6))
     numbers = draw(st.lists(seqnums, min_size=2 * count, max_size=2 * count, unique=True))
     cmds = [draw(submits(numbers[i], info.devid)) for i in range(count)]

@@ -1,4 +1,4 @@
-"""Endpoint transfer types learned from enumeration decide which URBs are isochronous."""
+"""URBs are framed by the device's endpoints, as usbip-host frames them; unknown is refused."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from gateway.protocol import (
     NEED_DATA,
     NO_ISO_PACKETS,
     CmdSubmit,
+    CmdUnlink,
     Direction,
     IsoPacket,
     LocalProtocolError,
@@ -63,13 +64,20 @@ def control(trio: Trio, setup: bytes, reply: bytes = b"", status: int = 0) -> No
 
 
 def enumerated() -> Trio:
-    trio = imported_trio()
+    """Descriptors seen; the alt settings not yet known (no SET_CONFIGURATION yet)."""
+    trio = imported_trio(enumerate=False)
     control(trio, get_config_setup(9), CONFIG[:9])  # the kernel first reads the header
     control(trio, get_config_setup(len(CONFIG)), CONFIG)
     return trio
 
 
-def types(trio: Trio, ep: int, direction: Direction) -> set[TransferType]:
+def configured() -> Trio:
+    trio = enumerated()
+    control(trio, setup_packet(0x00, 0x09, 1, 0, 0))
+    return trio
+
+
+def types(trio: Trio, ep: int, direction: Direction) -> set[TransferType | None]:
     return {e.state.transfer_type(ep, direction) for e in (trio.client, trio.server, trio.splice)}
 
 
@@ -105,9 +113,9 @@ def parses_as_iso(trio: Trio, cmd: CmdSubmit) -> bool:
 def test_configuration_parser_reads_alt_settings() -> None:
     parsed = parse_configuration(CONFIG)
     assert parsed is not None
-    value, alts = parsed
-    assert value == 1
-    assert [(a.interface, a.alternate, len(a.endpoints)) for a in alts] == [
+    assert parsed.value == 1
+    assert parsed.irregular is None
+    assert [(a.interface, a.alternate, len(a.endpoints)) for a in parsed.alts] == [
         (0, 0, 2),
         (1, 0, 1),
         (1, 1, 2),
@@ -116,30 +124,109 @@ def test_configuration_parser_reads_alt_settings() -> None:
     assert parse_configuration(CONFIG[:-1]) is None
 
 
+def test_parser_skips_what_usbcore_skips() -> None:
+    """config.c: number 0, reserved address bits, more than bNumEndpoints, duplicates."""
+    raw = bytearray(
+        config_descriptor(
+            1,
+            [
+                (0, 0, [(0x81, BULK_IN), (0x00, BULK_OUT), (0x92, BULK_OUT), (0x81, ISO_IN)]),
+                (1, 0, [(0x81, BULK_IN), (0x03, BULK_OUT)]),
+            ],
+        )
+    )
+    parsed = parse_configuration(bytes(raw))
+    assert parsed is not None
+    first, second = parsed.alts
+    assert [e.address for e in first.endpoints] == [0x81]  # 0x00, 0x92 and the 2nd 0x81 skipped
+    assert [e.address for e in second.endpoints] == [0x03]  # 0x81 is taken by interface 0
+    raw[9 + 4] = 1  # interface 0 now declares one endpoint: usbcore keeps the first only
+    parsed = parse_configuration(bytes(raw))
+    assert parsed is not None
+    assert [e.address for e in parsed.alts[0].endpoints] == [0x81]
+
+
+def test_irregular_configuration_lets_only_endpoint_zero_through() -> None:
+    trio = imported_trio(enumerate=False)
+    odd = config_descriptor(1, [(0, 0, [(0x81, BULK_IN)]), (0, 0, [(0x02, BULK_OUT)])])
+    parsed = parse_configuration(odd)
+    assert parsed is not None
+    assert parsed.irregular is not None  # alt setting repeated
+    control(trio, get_config_setup(len(odd)), odd)
+    control(trio, setup_packet(0x00, 0x09, 1, 0, 0))
+    assert types(trio, 1, Direction.IN) == {TransferType.UNKNOWN}
+    assert types(trio, 0, Direction.OUT) == {TransferType.CONTROL}
+
+
 def test_header_only_reply_learns_nothing() -> None:
-    trio = imported_trio()
+    trio = imported_trio(enumerate=False)
     control(trio, get_config_setup(9), CONFIG[:9])
     assert types(trio, 1, Direction.IN) == {TransferType.UNKNOWN}
 
 
-def test_configuration_reply_teaches_endpoint_types() -> None:
+def test_configuration_reply_teaches_what_does_not_depend_on_alt_settings() -> None:
     trio = enumerated()
     assert types(trio, 1, Direction.IN) == {TransferType.BULK}
     assert types(trio, 2, Direction.OUT) == {TransferType.BULK}
-    assert types(trio, 3, Direction.IN) == {TransferType.BULK}
-    assert types(trio, 4, Direction.OUT) == {TransferType.UNKNOWN}  # alt 1 not active
+    assert types(trio, 3, Direction.IN) == {TransferType.UNKNOWN}  # bulk or iso: which alt?
+    assert types(trio, 4, Direction.OUT) == {TransferType.UNKNOWN}  # absent or iso
+    assert types(trio, 5, Direction.IN) == {None}  # in no alt setting at all
     assert types(trio, 0, Direction.IN) == {TransferType.CONTROL}
 
 
-def test_known_bulk_endpoint_is_not_iso_whatever_number_of_packets_says() -> None:
-    trio = enumerated()
+def test_set_configuration_settles_alt_settings_to_zero() -> None:
+    trio = configured()
+    assert types(trio, 3, Direction.IN) == {TransferType.BULK}
+    assert types(trio, 4, Direction.OUT) == {None}
+
+
+def test_known_bulk_endpoint_refuses_a_packet_count() -> None:
+    trio = configured()
     cmd = header_only(1, Direction.IN, 3)
-    assert not parses_as_iso(trio, cmd)
-    assert trio.server.state.pending[cmd.seqnum].iso is False
+    with pytest.raises(LocalProtocolError, match="number_of_packets 3 on bulk"):
+        trio.client.send(cmd)
+    trio.splice.receive_data(C, cmd.encode())
+    with pytest.raises(RemoteProtocolError, match="number_of_packets 3 on bulk"):
+        trio.splice.next_frame(C)
+
+
+def test_absent_endpoint_is_refused_on_its_header_alone() -> None:
+    """usbip-host reads no payload for an endpoint it does not find: the bytes after
+    the header would be its next command. The header alone is enough to refuse."""
+    trio = configured()
+    hidden = CmdUnlink(999, 1, DEVID).encode()
+    cmd = CmdSubmit(
+        seqnum=41,
+        devid=DEVID,
+        direction=Direction.OUT,
+        ep=4,
+        transfer_buffer_length=48,
+        data=hidden,
+    )
+    header = cmd.encode()[:48]
+    trio.splice.receive_data(C, header)
+    trio.server.receive_data(header)
+    with pytest.raises(RemoteProtocolError, match="does not exist on the device"):
+        trio.splice.next_frame(C)
+    with pytest.raises(RemoteProtocolError, match="does not exist on the device"):
+        trio.server.next_event()
+
+
+def test_set_interface_in_flight_makes_its_endpoints_unknown_until_answered() -> None:
+    trio = configured()
+    seqnum = next(_seq)
+    setup = set_interface_setup(1, 1)
+    trio.exchange(C, CmdSubmit(seqnum, DEVID, Direction.OUT, 0, 0, setup=setup))
+    assert types(trio, 3, Direction.IN) == {TransferType.UNKNOWN}  # bulk or iso now
+    assert types(trio, 1, Direction.IN) == {TransferType.BULK}  # interface 0 untouched
+    cmd = header_only(3, Direction.IN, 0)
+    trio.splice.receive_data(C, cmd.encode())
+    with pytest.raises(RemoteProtocolError, match="not known for certain"):
+        trio.splice.next_frame(C)
 
 
 def test_set_interface_switches_alt_setting_and_back() -> None:
-    trio = enumerated()
+    trio = configured()
     control(trio, set_interface_setup(1, 1))
     assert types(trio, 3, Direction.IN) == {TransferType.ISOCHRONOUS}
     assert types(trio, 4, Direction.OUT) == {TransferType.ISOCHRONOUS}
@@ -148,26 +235,40 @@ def test_set_interface_switches_alt_setting_and_back() -> None:
     assert parses_as_iso(trio, header_only(3, Direction.IN, 1024))
     control(trio, set_interface_setup(1, 0))
     assert types(trio, 3, Direction.IN) == {TransferType.BULK}
-    assert types(trio, 4, Direction.OUT) == {TransferType.UNKNOWN}
-    assert not parses_as_iso(trio, header_only(3, Direction.IN, 2))
+    assert types(trio, 4, Direction.OUT) == {None}
+    assert not parses_as_iso(trio, header_only(3, Direction.IN, 0))
 
 
-def test_failed_set_interface_changes_nothing() -> None:
-    trio = enumerated()
+def test_failed_set_interface_leaves_both_alt_settings_possible() -> None:
+    """The stub runs usb_set_interface, and if that fails, passes the request on to the
+    device: a failed reply does not say which alt setting usbcore has."""
+    trio = configured()
     control(trio, set_interface_setup(1, 1), status=-32)
-    assert types(trio, 3, Direction.IN) == {TransferType.BULK}
+    assert types(trio, 3, Direction.IN) == {TransferType.UNKNOWN}
+    assert types(trio, 1, Direction.IN) == {TransferType.BULK}
+    control(trio, set_interface_setup(1, 1))
+    assert types(trio, 3, Direction.IN) == {TransferType.ISOCHRONOUS}
 
 
-def test_set_configuration_zero_forgets_endpoints() -> None:
-    trio = enumerated()
+def test_sysfs_confirmation_decides_after_a_change() -> None:
+    """Where the exporting host can be asked (the server gateway's sysfs), it decides."""
+    trio = configured()
+    trio.splice.state.confirm_layout = lambda: (1, {0: 0, 1: 0})  # the switch did not happen
+    control(trio, set_interface_setup(1, 1))
+    assert trio.splice.state.transfer_type(3, Direction.IN) is TransferType.BULK
+    assert trio.server.state.transfer_type(3, Direction.IN) is TransferType.ISOCHRONOUS
+
+
+def test_set_configuration_zero_makes_endpoints_absent() -> None:
+    trio = configured()
     control(trio, setup_packet(0x00, 0x09, 0, 0, 0))
-    assert types(trio, 1, Direction.IN) == {TransferType.UNKNOWN}
+    assert types(trio, 1, Direction.IN) == {None}
     control(trio, setup_packet(0x00, 0x09, 1, 0, 0))
     assert types(trio, 1, Direction.IN) == {TransferType.BULK}
 
 
 def test_iso_endpoint_urb_carries_descriptors_end_to_end() -> None:
-    trio = enumerated()
+    trio = configured()
     control(trio, set_interface_setup(1, 1))
     packets = (IsoPacket(0, 4), IsoPacket(4, 4))
     cmd = CmdSubmit(
@@ -186,29 +287,68 @@ def test_iso_endpoint_urb_carries_descriptors_end_to_end() -> None:
     trio.exchange(S, RetSubmit(77, actual_length=8, number_of_packets=2, iso_packets=done))
 
 
-@pytest.mark.parametrize("number_of_packets", [0, NO_ISO_PACKETS])
+def test_iso_submit_with_actual_lengths_is_refused() -> None:
+    """usbip_recv_iso: the packets' actual lengths must add up to the new URB's 0."""
+    trio = configured()
+    control(trio, set_interface_setup(1, 1))
+    cmd = CmdSubmit(
+        seqnum=78,
+        devid=DEVID,
+        direction=Direction.OUT,
+        ep=4,
+        transfer_buffer_length=4,
+        number_of_packets=1,
+        data=b"1234",
+        iso_packets=(IsoPacket(0, 4, 4),),
+    )
+    trio.splice.receive_data(C, cmd.encode())
+    with pytest.raises(RemoteProtocolError, match="report actual lengths"):
+        trio.splice.next_frame(C)
+
+
+def test_scatter_gather_without_buffer_is_refused() -> None:
+    trio = configured()
+    cmd = CmdSubmit(
+        seqnum=79,
+        devid=DEVID,
+        direction=Direction.IN,
+        ep=1,
+        transfer_buffer_length=0,
+        transfer_flags=0x00040000,
+    )
+    trio.splice.receive_data(C, cmd.encode())
+    with pytest.raises(RemoteProtocolError, match="scatter-gather"):
+        trio.splice.next_frame(C)
+
+
+@pytest.mark.parametrize("number_of_packets", [0, NO_ISO_PACKETS, 1025])
 def test_known_iso_endpoint_needs_a_packet_count(number_of_packets: int) -> None:
-    trio = enumerated()
+    trio = configured()
     control(trio, set_interface_setup(1, 1))
     cmd = header_only(3, Direction.IN, number_of_packets)
-    with pytest.raises(LocalProtocolError, match="without a packet count"):
+    with pytest.raises(LocalProtocolError, match=r"ISO packets on isochronous"):
         trio.client.send(cmd)
     trio.server.receive_data(cmd.encode())
-    with pytest.raises(RemoteProtocolError, match=r"ISO packets is outside 1\.\.1024"):
+    with pytest.raises(RemoteProtocolError, match=r"ISO packets on isochronous .* 1\.\.1024"):
         trio.server.next_event()
 
 
-@pytest.mark.parametrize(
-    ("number_of_packets", "iso"),
-    [(0, False), (NO_ISO_PACKETS, False), (1, True), (7, True), (1024, True)],
-)
-def test_fallback_on_unknown_endpoints(number_of_packets: int, iso: bool) -> None:
-    trio = imported_trio()
-    assert parses_as_iso(trio, header_only(5, Direction.IN, number_of_packets)) is iso
+@pytest.mark.parametrize("number_of_packets", [0, NO_ISO_PACKETS, 1, 7, 1024])
+def test_endpoints_not_yet_learned_are_refused(number_of_packets: int) -> None:
+    trio = imported_trio(enumerate=False)
+    cmd = header_only(5, Direction.IN, number_of_packets)
+    trio.splice.receive_data(C, cmd.encode())
+    with pytest.raises(RemoteProtocolError, match="not known for certain"):
+        trio.splice.next_frame(C)
+
+
+def test_endpoint_zero_passes_before_anything_is_learned() -> None:
+    trio = imported_trio(enumerate=False)
+    control(trio, get_config_setup(9), CONFIG[:9])
 
 
 def test_malformed_configuration_is_ignored_not_fatal() -> None:
-    trio = imported_trio()
+    trio = imported_trio(enumerate=False)
     broken = bytearray(CONFIG)
     broken[9] = 0  # a descriptor of length 0
     control(trio, get_config_setup(len(broken)), bytes(broken))

@@ -28,7 +28,7 @@ from gateway.protocol import (
 )
 from gateway.protocol.events import CMD_SUBMIT_HEADER
 
-from .helpers import BUSID, DEVID, Trio, device, exported, imported_trio
+from .helpers import BUSID, DEVID, ISO_EPS, Trio, device, exported, imported_trio
 from .scenarios import all_scenarios
 
 C, S = Role.CLIENT, Role.SERVER
@@ -78,7 +78,7 @@ def _iso_cmd(np: int) -> CmdSubmit:
         seqnum=3,
         devid=DEVID,
         direction=Direction.IN,
-        ep=1,
+        ep=ISO_EPS[0],
         transfer_buffer_length=np,
         number_of_packets=np,
         iso_packets=tuple(IsoPacket(i, 1) for i in range(np)),
@@ -88,10 +88,12 @@ def _iso_cmd(np: int) -> CmdSubmit:
 def test_iso_packet_count_limit() -> None:
     trio = imported_trio()
     trio.exchange(C, _iso_cmd(1024))
-    refused_everywhere(trio, C, cmd_header(1025, direction=1, ep=1, np=1025), "1025 ISO packets")
+    refused_everywhere(
+        trio, C, cmd_header(1025, direction=1, ep=ISO_EPS[0], np=1025), "1025 ISO packets"
+    )
     trio = imported_trio(Limits(max_iso_packets=8))
     trio.exchange(C, _iso_cmd(8))
-    refused_everywhere(trio, C, cmd_header(9, direction=1, ep=1, np=9), "9 ISO packets")
+    refused_everywhere(trio, C, cmd_header(9, direction=1, ep=ISO_EPS[0], np=9), "9 ISO packets")
 
 
 def _three_in_flight() -> Trio:

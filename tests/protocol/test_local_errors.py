@@ -31,7 +31,7 @@ from gateway.protocol import (
     Splice,
 )
 
-from .helpers import BUSID, DEVID, device, exported, imported_trio
+from .helpers import BUSID, DEVID, ISO_EPS, device, exported, imported_trio
 
 C, S = Role.CLIENT, Role.SERVER
 
@@ -141,14 +141,17 @@ def test_send_of_an_event_the_role_may_not_send(role: Role, event: Any) -> None:
                 1,
                 DEVID,
                 Direction.IN,
-                1,
+                ISO_EPS[0],
                 0,
                 number_of_packets=3,
                 iso_packets=(IsoPacket(0, 0),) * 3,
             ),
-            "3 ISO packets is over the limit of 2",
+            r"3 ISO packets on isochronous .* outside 1\.\.2",
         ),
-        (CmdSubmit(1, DEVID, Direction.IN, 1, 0, number_of_packets=2), "needs 2 packet descr"),
+        (
+            CmdSubmit(1, DEVID, Direction.IN, ISO_EPS[0], 0, number_of_packets=2),
+            "needs 2 packet descr",
+        ),
         (
             CmdSubmit(1, DEVID, Direction.IN, 1, 0, iso_packets=()),
             None,

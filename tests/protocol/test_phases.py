@@ -22,7 +22,7 @@ from gateway.protocol import (
     Splice,
 )
 
-from .helpers import BUSID, DEVID, Trio, device, imported_trio
+from .helpers import BUSID, DEVID, Trio, device, enumeration_steps, imported_trio
 from .scenarios import FAILED_STATUSES
 
 BULK_IN = CmdSubmit(seqnum=1, devid=DEVID, direction=Direction.IN, ep=1, transfer_buffer_length=64)
@@ -37,6 +37,9 @@ def test_import_switches_the_same_connection_to_urb_frames() -> None:
     assert splice.next_frame(Role.SERVER).event.status == 0  # type: ignore[union-attr]
     assert splice.phase is Phase.URB
     assert splice.state.imported == device()
+    for sender, event in enumeration_steps(DEVID):  # the endpoints become known
+        splice.receive_data(sender, event.encode())
+        assert splice.next_frame(sender).event == event  # type: ignore[union-attr]
     splice.receive_data(Role.CLIENT, BULK_IN.encode())
     frame = splice.next_frame(Role.CLIENT)
     assert frame.event == BULK_IN  # type: ignore[union-attr]

@@ -25,7 +25,7 @@ from gateway.protocol import (
     Splice,
 )
 
-from .helpers import BUSID, DEVID, Trio, device, exported, imported_trio
+from .helpers import BUSID, DEVID, ISO_EPS, Trio, device, exported, imported_trio
 from .scenarios import FAILED_STATUSES, Steps, all_scenarios
 
 SCENARIOS = all_scenarios()
@@ -223,7 +223,7 @@ def test_iso_in_reply_data_is_packed() -> None:
             seqnum=8,
             devid=DEVID,
             direction=Direction.IN,
-            ep=1,
+            ep=ISO_EPS[1],
             transfer_buffer_length=300,
             number_of_packets=3,
             iso_packets=packets,

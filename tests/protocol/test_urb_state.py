@@ -22,7 +22,7 @@ from gateway.protocol import (
     Role,
 )
 
-from .helpers import DEVID, Trio, drain, drain_frames, imported_trio
+from .helpers import DEVID, ISO_EPS, Trio, drain, drain_frames, imported_trio
 
 C, S = Role.CLIENT, Role.SERVER
 
@@ -33,7 +33,7 @@ def submit(seqnum: int, direction: Direction, ep: int, length: int, iso: int = 0
         seqnum=seqnum,
         devid=DEVID,
         direction=direction,
-        ep=ep,
+        ep=ISO_EPS[ep % len(ISO_EPS)] if iso else ep,  # the test device's ISO endpoints
         transfer_buffer_length=length,
         number_of_packets=iso,
         data=bytes(range(length)) if direction is Direction.OUT else b"",
@@ -336,7 +336,7 @@ def test_iso_submit_packets_stay_inside_the_buffer() -> None:
         seqnum=1,
         devid=DEVID,
         direction=Direction.IN,
-        ep=1,
+        ep=ISO_EPS[0],
         transfer_buffer_length=16,
         number_of_packets=2,
         iso_packets=(IsoPacket(0, 8), IsoPacket(12, 8)),
