@@ -1,0 +1,179 @@
+"""Differential: the gateway's `Splice` against a model of usbip-host's reader.
+
+Both consume the same client byte streams, hostile ones included (headers hidden in
+payload or in ISO descriptors, endpoints the device lacks, packet counts that do not
+fit the endpoint, alt setting changes in between). Every frame the gateway passes must
+be exactly the command usbip-host reads there; where the gateway refuses, the stream
+stops. The only way the two may part is the kernel dropping the connection first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.protocol import (
+    NEED_DATA,
+    CmdSubmit,
+    CmdUnlink,
+    DeviceInfo,
+    Direction,
+    OpReplyImport,
+    OpRequestImport,
+    OpStatus,
+    ProtocolError,
+    RetSubmit,
+    Role,
+    Splice,
+)
+
+from .helpers import DEVID, PROFILE, config_descriptor, device, enumeration_steps, setup_packet
+from .kernel_model import AltSpec, StubModel
+
+C, S = Role.CLIENT, Role.SERVER
+_HEADER = struct.Struct(">IIIIIIiiIi8s")
+
+ALTS: tuple[AltSpec, ...] = (
+    (0, 0, ((0x81, 0x02), (0x02, 0x02), (0x83, 0x03))),
+    (1, 0, ()),
+    (1, 1, ((0x84, 0x05), (0x05, 0x01))),
+)
+CONFIG = config_descriptor(1, [(i, a, list(eps)) for i, a, eps in ALTS])
+
+
+def header(seq: int, ep: int, direction: int, length: int, np: int, *, flags: int = 0) -> bytes:
+    return _HEADER.pack(1, seq, DEVID, direction, ep, flags, length, 0, np, 0, bytes(8))
+
+
+@st.composite
+def pieces(draw: st.DrawFn, seq: int) -> bytes:
+    kind = draw(st.sampled_from(["submit", "submit", "submit", "set_interface", "unlink"]))
+    if kind == "unlink":
+        return CmdUnlink(seq, draw(st.integers(0, seq)), DEVID).encode()
+    if kind == "set_interface":
+        setup = setup_packet(0x01, 0x0B, draw(st.integers(0, 2)), draw(st.integers(0, 2)), 0)
+        return CmdSubmit(seq, DEVID, Direction.OUT, 0, 0, setup=setup).encode()
+    ep = draw(st.integers(0, 6))
+    direction = draw(st.integers(0, 1))
+    length = draw(st.sampled_from([0, 8, 48, 96]))
+    np = draw(st.sampled_from([0, 0xFFFFFFFF, 1, 2, 3, 1025]))
+    flags = draw(st.sampled_from([0, 0, 0x00040000]))
+    hidden = CmdUnlink(0xDEAD0000 + seq, 1, DEVID).encode()  # a whole command, if read as one
+    body = b""
+    if draw(st.booleans()):  # the payload the header announces for OUT (or not)
+        filler = draw(st.sampled_from([hidden, bytes(48)]))
+        body += (filler * 2)[:length]
+    if draw(st.booleans()) and np not in (0xFFFFFFFF, 1025):  # ISO descriptors (or not)
+        body += b"".join(struct.pack(">IIii", 0, length // max(np, 1), 0, 0) for _ in range(np))
+    if draw(st.booleans()):
+        body += hidden
+    return header(seq, ep, direction, length, np, flags=flags) + body
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> bytes:
+    count = draw(st.integers(1, 8))
+    return b"".join(draw(pieces(100 + i)) for i in range(count))
+
+
+def splice_frames(stream: bytes) -> list[tuple[int, int]]:
+    """Where the gateway cuts `stream`, answering each URB at once as usbip-host would."""
+    splice = Splice()
+    info = device()
+    steps = [
+        (C, header_op_import(info.busid)),
+        (S, reply_import(info)),
+        *((sender, event.encode()) for sender, event in enumeration_steps(DEVID, CONFIG)),
+    ]
+    for sender, raw in steps:
+        splice.receive_data(sender, raw)
+        assert splice.next_frame(sender) is not NEED_DATA
+    splice.receive_data(C, stream)
+    frames: list[tuple[int, int]] = []
+    pos = 0
+    while True:
+        try:
+            frame = splice.next_frame(C)
+        except ProtocolError:
+            return frames
+        if frame is NEED_DATA:
+            return frames
+        size = len(frame.raw)  # type: ignore[union-attr]
+        frames.append((pos, pos + size))
+        pos += size
+        event = frame.event  # type: ignore[union-attr]
+        if isinstance(event, CmdSubmit):
+            splice.receive_data(S, RetSubmit(event.seqnum, status=0, actual_length=0).encode())
+            splice.next_frame(S)
+
+
+def header_op_import(busid: str) -> bytes:
+    return OpRequestImport(busid).encode()
+
+
+def reply_import(info: DeviceInfo) -> bytes:
+    return OpReplyImport(OpStatus.OK, info).encode()
+
+
+def kernel_frames(stream: bytes) -> StubModel:
+    model = StubModel(DEVID, {1: ALTS}, active=1)
+    model.read(stream)
+    return model
+
+
+def assert_same_cut(stream: bytes) -> None:
+    gateway = splice_frames(stream)
+    kernel = kernel_frames(stream)
+    n = min(len(gateway), len(kernel.frames))
+    assert gateway[:n] == kernel.frames[:n], (gateway, kernel.frames)
+    if len(gateway) > len(kernel.frames):
+        assert kernel.closed is not None, (gateway, kernel.frames)
+
+
+@PROFILE
+@given(streams())
+def test_every_frame_passed_is_the_command_usbip_host_reads(stream: bytes) -> None:
+    assert_same_cut(stream)
+
+
+def test_payload_for_an_absent_endpoint_is_not_forwarded() -> None:
+    """An OUT URB to endpoint 6 (none): the stub reads the header only, so the 48 bytes
+    after it would be its next command."""
+    hidden = CmdUnlink(0xDEAD, 1, DEVID).encode()
+    stream = header(100, 6, 0, 48, 0) + hidden
+    assert kernel_frames(stream).frames == [(0, 48), (48, 96)]
+    assert splice_frames(stream) == []
+    assert_same_cut(stream)
+
+
+def test_descriptors_on_a_bulk_endpoint_are_not_forwarded() -> None:
+    """A bulk IN URB claiming 3 ISO packets: the stub reads no descriptors."""
+    hidden = CmdUnlink(0xDEAD, 1, DEVID).encode()
+    stream = header(100, 1, 1, 8, 3) + hidden
+    assert kernel_frames(stream).frames == [(0, 48), (48, 96)]
+    assert splice_frames(stream) == []
+
+
+def test_a_valid_conversation_passes_whole() -> None:
+    set_alt = CmdSubmit(101, DEVID, Direction.OUT, 0, 0, setup=setup_packet(0x01, 0x0B, 1, 1, 0))
+    iso = header(102, 4, 1, 32, 2) + struct.pack(">IIii", 0, 16, 0, 0) * 2
+    stream = header(100, 2, 0, 8, 0) + bytes(8) + set_alt.encode() + iso
+    expected = [(0, 56), (56, 104), (104, 104 + 48 + 32)]
+    assert kernel_frames(stream).frames == expected
+    assert splice_frames(stream) == expected
+
+
+def test_the_generated_streams_hit_both_outcomes() -> None:
+    """The strategy is not vacuous: some streams pass whole, some are refused early."""
+    accepted = refused = 0
+    for seq, ep in itertools.product((100,), range(7)):
+        stream = header(seq, ep, 1, 8, 0)
+        if splice_frames(stream):
+            accepted += 1
+        else:
+            refused += 1
+    assert accepted
+    assert refused
