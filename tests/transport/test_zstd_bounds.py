@@ -47,8 +47,8 @@ def zeros_burst(count: int, plain_size: int) -> bytes:
 
 
 def test_a_burst_is_a_small_write() -> None:
-    """The premise: 200 MiB of plain data fits in one TLS record or two."""
-    assert len(zeros_burst(BURST, MAX_CHUNK)) < 32 * KIB
+    """The premise: 200 MiB of plain data fits in one TLS record (16 KiB)."""
+    assert len(zeros_burst(BURST, MAX_CHUNK)) < 16 * KIB
 
 
 # ----------------------------------------------------------------- Trio data plane
