@@ -25,7 +25,8 @@ from gateway.transport.compression import (
     ZstdStream,
     wrap,
 )
-from tests.test_relay_threads import socket_streams, tls_contexts
+
+from ..test_relay_threads import socket_streams, tls_contexts
 
 KIB = 1024
 BURST = 200  # chunks in one write
