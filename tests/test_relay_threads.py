@@ -8,6 +8,7 @@ tests/protocol; here: that bytes, ends, errors and cancellation cross the thread
 from __future__ import annotations
 
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import trio
 import trio.testing
 import trustme
 
+from gateway.observability.metrics import outcome_class
 from gateway.protocol import (
     NEED_DATA,
     CmdSubmit,
@@ -35,7 +37,7 @@ from gateway.protocol import (
 from gateway.relay import relay
 from gateway.session import Session
 from gateway.transport.blocking import endpoint
-from gateway.transport.compression import ByteCounter, wrap
+from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
 
 from .protocol.helpers import device
 
@@ -188,6 +190,65 @@ async def test_zstd_over_tls_crosses_the_threads_too() -> None:
     assert plain == 40 + 48 + 200_000  # the IMPORT request and the CMD_SUBMIT
     assert wire < plain / 10
     assert counted["compress"][0] == 320 + 48  # the IMPORT reply and the RET_SUBMIT
+
+
+async def test_a_burst_of_compressed_chunks_is_decoded_only_as_fast_as_it_is_forwarded() -> None:
+    """One small TLS write carrying four 16 MiB URBs of zeros in 1024 zstd chunks.
+
+    The relay forwards whole frames, so it may hold one frame; beyond that, it decodes a
+    chunk only once it has forwarded what came before. What it has decoded and the
+    server has not yet read stays within one frame, one chunk and the socket's buffer,
+    however much the write unpacks to."""
+    decoded = 0
+
+    def count(operation: str, wire: int, plain: int) -> None:
+        nonlocal decoded
+        if operation == "decompress":
+            decoded += plain
+
+    size, urbs = 16 << 20, 4
+    async with relayed(tls=True, zstd=count) as r:
+        await import_device(r)
+        assert isinstance(r.client.stream, ZstdStream)
+        encoder, _, _, _ = r.client.stream.take_codec()  # to go on with its zstd stream
+        cmds = [out_urb(n, bytes(size)) for n in range(1, urbs + 1)]
+        wire = b"".join(encoder.encode(r.client.conn.send(cmd)) for cmd in cmds)
+        assert len(wire) < 32 * 1024
+        before = decoded
+        await r.client.stream.transport.send_all(wire)
+        received, ahead, events = 0, 0, []
+        while len(events) < urbs:
+            data = await r.server.stream.receive_some(1 << 16)
+            assert data
+            received += len(data)
+            ahead = max(ahead, decoded - before - received)
+            r.server.conn.receive_data(data)
+            while (event := r.server.conn.next_event()) is not NEED_DATA:
+                events.append(event)
+        assert events == cmds
+        # Decoding every chunk of a read at once would put all 64 MiB ahead.
+        assert ahead < size + MAX_CHUNK, ahead
+        # The session goes on.
+        await r.server.send(RetSubmit(1, actual_length=size))
+        assert await r.client.receive() == RetSubmit(1, actual_length=size)
+        await r.client.stream.aclose()
+        assert await r.server.receive() == ConnectionClosed()
+    assert r.outcome == ["closed by client"]
+    assert r.session.data_plane == "threads"
+
+
+async def test_a_compressed_chunk_over_the_limit_ends_the_session_cleanly() -> None:
+    async with relayed(tls=True, zstd=lambda *_: None) as r:
+        await import_device(r)
+        assert isinstance(r.client.stream, ZstdStream)
+        over = struct.pack(">BII", ChunkType.ZSTD, 16, MAX_CHUNK + 1) + bytes(16)
+        await r.client.stream.transport.send_all(over)
+        assert await r.server.receive() == ConnectionClosed()  # nothing forwarded
+    assert r.session.data_plane == "threads"
+    assert r.outcome == [
+        "connection lost: zstd: ZSTD chunk plain length 1048577 exceeds the limit of 1048576"
+    ]
+    assert outcome_class(r.outcome[0]) == "connection_lost"  # the sessions_total label
 
 
 async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:

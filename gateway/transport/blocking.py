@@ -225,14 +225,14 @@ class ZstdEndpoint:
         assert decoder is not None, "start() first"
         try:
             while True:
-                plain = []
-                while (chunk := decoder.next_chunk()) is not None:
-                    wire, data = chunk
+                # One chunk per call: a burst of small chunks that each decode to a lot
+                # stays compressed until the relay has forwarded the one before.
+                chunk = decoder.next_chunk()
+                if chunk is not None:
+                    wire, plain = chunk
                     if self._on_bytes is not None:
-                        self._on_bytes("decompress", wire, len(data))
-                    plain.append(data)
-                if plain:
-                    return plain[0] if len(plain) == 1 else b"".join(plain)
+                        self._on_bytes("decompress", wire, len(plain))
+                    return plain
                 data = self.inner.recv()
                 if not data:
                     decoder.check_end()

@@ -33,10 +33,17 @@ Limits on input from the peer: `length` and `plain_length` are at most `MAX_CHUN
 (1 MiB, sixteen times what a sender here ever writes), a chunk must not be empty, the zstd
 window is capped at `MAX_WINDOW` (8 MiB) so a peer cannot make the decoder allocate a
 huge window, and a ZSTD chunk whose data decodes to more than its `plain_length` is cut
-off as soon as it does (output is produced in 128 KiB steps and counted), so a
-decompression bomb costs at most `MAX_CHUNK` plus one step of memory. Every violation
-raises `CompressionError`, a `trio.BrokenResourceError`: to the relay it is a lost
-connection, with a message naming the problem.
+off as soon as it does (output is produced in steps of `DECODE_STEP`, just over
+`MAX_CHUNK`, and counted), so a decompression bomb costs at most one step of output
+before it is refused. Every violation raises `CompressionError`, a
+`trio.BrokenResourceError`: to the relay it is a lost connection, with a message naming
+the problem.
+
+Memory per read: a receiver decodes one chunk per `receive_some` (or per `recv` on the
+thread data plane) and reads from its transport only when no whole chunk is buffered, so
+what a peer sends in one burst stays compressed until it is asked for. At any time a
+receiver holds at most one chunk's plain data (`MAX_CHUNK`) plus one decode step, and
+the compressed bytes of one partial chunk plus one transport read.
 
 Security: compressing before encrypting lets someone who controls part of the plaintext
 and sees the ciphertext's length learn other data in the same compression context
@@ -65,7 +72,11 @@ SAMPLE_SLICE = 1024
 MIN_GAIN = 0.05  # a sample must shrink by at least 5% for its piece to be compressed
 DEFAULT_LEVEL = 3
 MIN_LEVEL, MAX_LEVEL = 1, 19  # 20-22 ("ultra") need windows beyond MAX_WINDOW
-DECODE_STEP = 128 * 1024  # decompressed output is produced (and counted) this much at a time
+# Decompressed output is produced (and counted) this much at a time. It must exceed any
+# chunk's plain size: zstandard's stream writer returns once the input is consumed, and
+# what the decoder could not fit in a full output buffer would stay inside it, to come
+# out at the start of the next chunk (a chunk larger than the step would not decode).
+DECODE_STEP = MAX_CHUNK + 1
 # A sender's history and match tables, capped: every session holds one compressor per
 # gateway, and a level's defaults (2 MiB window, 512 KiB tables at level 3) cost about
 # 0.9 MiB per session where these cost 0.4, for the same ratio on 64 KiB chunks.

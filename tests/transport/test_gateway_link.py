@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+import zstandard
 
 from gateway.cli import _overrides, build_parser
 from gateway.client import ClientGateway
@@ -22,7 +25,7 @@ from gateway.config import (
     load,
     server_config,
 )
-from gateway.protocol import Direction
+from gateway.protocol import CmdSubmit, Direction, OpRequestImport
 from gateway.server import ServerGateway
 from gateway.session import Session
 from gateway.sim.server import SimServer, serve_sim
@@ -223,6 +226,89 @@ async def test_session_end_is_counted_by_transport(pki: PKI, nursery: trio.Nurse
             )
             == 1
         )
+
+
+async def test_a_hostile_zstd_chunk_ends_only_its_own_session(
+    pki: PKI, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trusted client's chunk over the limit, after a good import: the server gateway
+    ends that session with a log line and a metric; an attached session goes on."""
+    pair = await start_pair(nursery, pki, server=ZSTD, client=ZSTD)
+    address = pair.client_address
+    healthy = await import_device(await trio.open_tcp_stream(address.host, address.port), "1-2")
+    nursery.start_soon(healthy.serve)
+
+    ctx = client_context(pki.client_cert, pki.client_key, pki.ca_pem, alpn=(ALPN_ZSTD,))
+    tcp = await trio.open_tcp_stream(pair.server_address.host, pair.server_address.port)
+    tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+    hostile = compression.wrap(tls)
+    received = pair.sim.bytes_received
+    with caplog.at_level(logging.INFO, "gateway.server"), trio.fail_after(10):
+        await hostile.send_all(OpRequestImport("1-1").encode())
+        reply = b""
+        while len(reply) < 320:
+            reply += await hostile.receive_some()
+        assert reply[:8] == b"\x01\x11\x00\x03\x00\x00\x00\x00"  # OP_REP_IMPORT, OK
+        received = pair.sim.bytes_received
+        over = struct.pack(">BII", compression.ChunkType.ZSTD, 16, compression.MAX_CHUNK + 1)
+        await tls.send_all(over + bytes(16))
+        assert await hostile.receive_some() == b""  # closed, nothing answered
+        while _sessions_ended(pair, "connection_lost") < 1:
+            await trio.testing.wait_all_tasks_blocked()
+    assert "plain length 1048577 exceeds the limit of 1048576" in caplog.text
+    assert pair.sim.bytes_received == received  # nothing after the import reached usbipd
+    await trio.aclose_forcefully(hostile)
+
+    sent = await healthy.submit(1, Direction.OUT, data=b"still here")
+    assert sent.status == 0
+    assert (await healthy.submit(1, Direction.IN, length=10)).data == b"still here"
+    await healthy.aclose()
+
+
+async def test_a_chunk_at_the_limit_from_a_peer_reaches_usbipd(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A peer's own encoder may write chunks of up to 1 MiB (ours writes 64 KiB): the
+    server gateway decodes one and forwards the URB it carries."""
+    pair = await start_pair(nursery, pki, server=ZSTD, client=ZSTD)
+    ctx = client_context(pki.client_cert, pki.client_key, pki.ca_pem, alpn=(ALPN_ZSTD,))
+    tcp = await trio.open_tcp_stream(pair.server_address.host, pair.server_address.port)
+    tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+    replies = compression.ZstdReceiveStream(tls)
+    packer = zstandard.ZstdCompressor().compressobj()
+
+    def chunk(payload: bytes) -> bytes:
+        data = packer.compress(payload) + packer.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return struct.pack(">BII", compression.ChunkType.ZSTD, len(data), len(payload)) + data
+
+    async def read(size: int) -> bytes:
+        got = b""
+        while len(got) < size:
+            data = await replies.receive_some(size - len(got))
+            assert data, "the server gateway closed the session"
+            got += data
+        return got
+
+    with trio.fail_after(10):
+        await tls.send_all(chunk(OpRequestImport("1-1").encode()))
+        busnum, devnum = struct.unpack_from(">II", await read(320), 8 + 288)
+        payload = bytes(compression.MAX_CHUNK)  # what the source/sink expects
+        cmd = CmdSubmit(1, (busnum << 16) | devnum, Direction.OUT, 1, len(payload), data=payload)
+        frame = cmd.encode()
+        received = pair.sim.bytes_received
+        await tls.send_all(chunk(frame[:48]) + chunk(frame[48:]))
+        ret = await read(48)
+    command, seqnum, _, _, _, status, actual = struct.unpack_from(">IIIIIiI", ret)
+    assert (command, seqnum, status, actual) == (3, 1, 0, len(payload))  # RET_SUBMIT, OK
+    assert pair.sim.bytes_received - received == len(frame)
+    await trio.aclose_forcefully(tls)
+
+
+def _sessions_ended(pair: Pair, outcome: str) -> float:
+    value = pair.server.metrics.registry.get_sample_value(
+        "usbip_gateway_sessions_total", {"role": "server", "outcome": outcome}
+    )
+    return value or 0.0
 
 
 # ----------------------------------------------------------------- config and flags
