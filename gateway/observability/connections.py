@@ -12,13 +12,16 @@ import trio
 
 
 class Slot:
-    """One open connection: its cancel scope, and whether it is answering a request."""
+    """One open connection: its cancel scope, whether it is answering a request, and
+    whether it is already closing (lingering after its last answer: evicting it then is
+    no loss worth counting)."""
 
-    __slots__ = ("answering", "evicted", "scope")
+    __slots__ = ("answering", "closing", "evicted", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.answering = False
+        self.closing = False
         self.evicted = False
 
 

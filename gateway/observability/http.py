@@ -66,16 +66,17 @@ class HttpEndpoint:
         try:
             with slot.scope:
                 await self._converse(stream, slot)
-            if slot.evicted:
-                self._gave_up(stream, "evicted")
+            if slot.evicted and not slot.closing:
+                self._gave_up(stream, slot, "evicted")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         finally:
             self.table.release(slot)
             await trio.aclose_forcefully(stream)
 
-    def _gave_up(self, stream: trio.abc.Stream, reason: HttpCloseReason) -> None:
+    def _gave_up(self, stream: trio.abc.Stream, slot: Slot, reason: HttpCloseReason) -> None:
         """Count and log a connection the gateway closes (before the client can see it)."""
+        slot.closing = True
         self.metrics.http_connection_closed(reason)
         peer = peer_name(stream) if isinstance(stream, trio.SocketStream) else "a peer"
         log.info("HTTP connection from %s closed: %s", peer, reason.replace("_", " "))
@@ -89,14 +90,14 @@ class HttpEndpoint:
             try:
                 request = await self._next_request(stream, conn)
             except _Idle:
-                self._gave_up(stream, "idle_timeout")
+                self._gave_up(stream, slot, "idle_timeout")
                 return
             except trio.TooSlowError:
-                self._gave_up(stream, "head_timeout")
+                self._gave_up(stream, slot, "head_timeout")
                 await self._fail(stream, conn, 408, b"request timeout\n")
                 return
             except h11.RemoteProtocolError as exc:
-                self._gave_up(stream, "bad_request")
+                self._gave_up(stream, slot, "bad_request")
                 status = exc.error_status_hint
                 await self._fail(stream, conn, status, HTTPStatus(status).phrase.encode() + b"\n")
                 return
@@ -119,12 +120,13 @@ class HttpEndpoint:
                     stream, conn, status, content_type, body, method=method, close=close
                 )
             except trio.TooSlowError:
-                self._gave_up(stream, "write_timeout")
+                self._gave_up(stream, slot, "write_timeout")
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 break
             conn.start_next_cycle()
         slot.answering = False
+        slot.closing = True
         await self._linger(stream)
 
     async def _next_request(

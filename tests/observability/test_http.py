@@ -234,6 +234,22 @@ async def test_the_oldest_waiting_connection_makes_room(nursery: trio.Nursery) -
     assert closed(metrics, "evicted") == 1
 
 
+async def test_a_closing_connection_made_to_give_way_is_counted_once(
+    nursery: trio.Nursery,
+) -> None:
+    metrics = GatewayMetrics("client")
+    await nursery.start(
+        partial(serve_http, metrics, Address(LOOPBACK, 0), limits=HttpLimits(max_connections=1))
+    )
+    address = metrics.http_addresses[0]
+    first = await trio.open_tcp_stream(address.host, address.port)
+    await first.send_all(b"GET /metrics\r\n\r\n")
+    assert (await first.receive_some(100)).startswith(b"HTTP/1.1 400 ")  # then it lingers
+    assert (await get(address, "/healthz"))[0] == 200  # the lingering one gave way
+    await first.aclose()
+    assert (closed(metrics, "bad_request"), closed(metrics, "evicted")) == (1, 0)
+
+
 async def test_healthz_is_served_past_many_silent_connections(nursery: trio.Nursery) -> None:
     metrics = GatewayMetrics("client")
     address = await start(nursery, metrics)
