@@ -55,6 +55,18 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
         help="serve /metrics, /healthz, /readyz and /status here (default: off)",
     )
     parser.add_argument(
+        "--metrics-no-status",
+        dest="metrics_status",
+        action="store_const",
+        const=False,
+        help="answer 404 for /status on --metrics-listen (it names identities and devices)",
+    )
+    parser.add_argument(
+        "--metrics-status-listen",
+        metavar="HOST:PORT",
+        help="a second endpoint that serves /status too, e.g. 127.0.0.1:9242 (default: off)",
+    )
+    parser.add_argument(
         "--metrics-device-label",
         choices=("none", "busid", "vidpid"),
         help="add a bounded device label to URB metrics (default none)",
@@ -98,6 +110,8 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "log.format": args.log_format,
         "metrics.listen": args.metrics_listen,
         "metrics.device_label": args.metrics_device_label,
+        "metrics.status": args.metrics_status,
+        "metrics.status_listen": args.metrics_status_listen,
         "compression.algorithm": args.compression,
         "compression.level": args.compression_level,
         "transport.mptcp": args.mptcp,

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from gateway.config import ClientConfig, is_loopback
-from gateway.observability.http import serve_http
+from gateway.observability.http import start_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay import close_all, log_session_end, relay
@@ -74,8 +74,7 @@ class ClientGateway:
                 self.config.server_name,
             )
         async with trio.open_nursery() as nursery:
-            if self.config.metrics.listen is not None:
-                await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
+            await start_http(nursery, self.metrics)
             if self.config.tls.watch:
                 nursery.start_soon(watch_tls, self.tls, self.config.tls)
             await nursery.start(self.acceptor.run, listeners)

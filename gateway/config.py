@@ -120,6 +120,9 @@ class MetricsSettings:
     device_label: DeviceLabel = "none"  # "busid" or "vidpid" adds a bounded device label
     device_label_limit: int = 64  # distinct device values; later ones become "other"
     upstream_check_interval: float = 5.0  # seconds a usbipd reachability check is reused
+    status: bool = True  # /status (identities, devices) on `listen`; 404 when false
+    status_listen: Address | None = None  # a second endpoint with /status, e.g. loopback
+    idle_timeout: float = 5.0  # seconds an HTTP connection may wait for a request head
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +397,9 @@ def _metrics(table: _Table) -> MetricsSettings:
             "device_label_limit", d.device_label_limit, maximum=10_000
         ),
         upstream_check_interval=table.number("upstream_check_interval", 5.0),
+        status=table.boolean("status", d.status),
+        status_listen=table.optional_address("status_listen", METRICS_PORT),
+        idle_timeout=table.number("idle_timeout", d.idle_timeout),
     )
     table.done()
     return metrics

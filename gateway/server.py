@@ -22,7 +22,7 @@ from gateway.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.audit import AuditLog
 from gateway.config import ServerConfig
 from gateway.facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
-from gateway.observability.http import serve_http
+from gateway.observability.http import start_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.policy import DeviceFacts, Target
 from gateway.protocol import (
@@ -132,8 +132,7 @@ class ServerGateway:
             )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.audit.run)
-            if self.config.metrics.listen is not None:
-                await nursery.start(serve_http, self.metrics, self.config.metrics.listen)
+            await start_http(nursery, self.metrics)
             if self.config.policy.file is not None and self.config.policy.watch:
                 nursery.start_soon(self.watch_policy)
             if self.config.tls.watch:

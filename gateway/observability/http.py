@@ -1,165 +1,234 @@
-"""A small HTTP/1.1 server in the gateway's own Trio loop: /metrics, /healthz, /readyz,
-/status.
+"""The HTTP/1.1 endpoint, on h11 in the gateway's own Trio loop: /metrics, /healthz,
+/readyz and /status (see `endpoints.py` for what each answers).
 
-One request per connection (`Connection: close`), GET and HEAD only, a bounded request
-head read within a timeout, a bounded number of connections at once. Nothing blocks
-the relay: building /metrics is a bounded amount of in-process work.
+Built so that liveness cannot be starved: the connection table never stops accepting (at
+its limit the oldest connection still waiting for a request is closed, `connections.py`);
+a connection that sends nothing is closed after `idle_timeout`; a request head must be
+whole within `head_timeout` and `max_head` bytes; an answer must be taken within
+`write_timeout`; keep-alive serves at most `max_requests`. GET and HEAD only. Nothing
+blocks the relay: building /metrics is a bounded amount of in-process work.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from http import HTTPStatus
 
+import h11
 import trio
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway.config import Address
+from gateway.transport.names import peer_name
 
-from .metrics import GatewayMetrics
+from .connections import ConnectionTable, Slot
+from .endpoints import TEXT, respond
+from .metrics import GatewayMetrics, HttpCloseReason
+
+__all__ = ["HttpEndpoint", "HttpLimits", "respond", "serve_http", "start_http"]
 
 log = logging.getLogger("gateway.http")
 
-MAX_HEAD = 8 * 1024  # request line and headers
-READ_TIMEOUT = 5.0
-WRITE_TIMEOUT = 10.0
-MAX_CONNECTIONS = 32
-LINGER_TIMEOUT = 1.0  # after the response: at most this long ...
+RECEIVE_SIZE = 16 * 1024
+LINGER_TIMEOUT = 1.0  # after the last answer: at most this long ...
 LINGER_BYTES = 64 * 1024  # ... reading at most this much of what the client still sends
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
-_TEXT = "text/plain; charset=utf-8"
-_JSON = "application/json"
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Per-endpoint and per-connection bounds (seconds and bytes)."""
+
+    max_connections: int = 32  # at the limit the oldest waiting connection is closed
+    idle_timeout: float = 5.0  # no byte of a request for this long: closed, unanswered
+    head_timeout: float = 10.0  # a whole request head within this long, else 408
+    write_timeout: float = 10.0  # an answer not taken by the client within this long
+    max_head: int = 8 * 1024  # request line and headers, else 431
+    max_requests: int = 100  # per connection; the last answer says Connection: close
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
+class _Idle(Exception):
+    """No byte of a request within the idle timeout."""
+
+
+class HttpEndpoint:
+    """One listening address's connections: what they may see, and their limits."""
+
+    def __init__(self, metrics: GatewayMetrics, *, status: bool, limits: HttpLimits) -> None:
+        self.metrics = metrics
         self.status = status
+        self.limits = limits
+        self.table = ConnectionTable(limits.max_connections)
 
-
-async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
-    buffer = bytearray()
-    while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            return bytes(buffer[:end])
-        if len(buffer) > MAX_HEAD:
-            raise _BadRequest(431)
-        chunk = await stream.receive_some(MAX_HEAD)
-        if not chunk:
-            raise _BadRequest(400)
-        buffer += chunk
-
-
-def _request_line(head: bytes) -> tuple[str, str]:
-    parts = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(400)
-    return parts[0], parts[1]
-
-
-def _response(status: int, content_type: str, body: bytes, *, head: bool = False) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-    ]
-    if status == 405:
-        lines.append("Allow: GET, HEAD")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else body)
-
-
-async def respond(metrics: GatewayMetrics, method: str, target: str) -> tuple[int, str, bytes]:
-    """Status, content type and body for one request."""
-    if method not in ("GET", "HEAD"):
-        return 405, _TEXT, b"GET or HEAD only\n"
-    path = target.split("?", 1)[0]
-    if path == "/metrics":
-        await metrics.check_upstream()  # keeps usbip_gateway_upstream_up current
-        return 200, CONTENT_TYPE_PLAIN_0_0_4, metrics.exposition()
-    if path == "/healthz":
-        return 200, _TEXT, b"ok\n"
-    if path == "/readyz":
-        ready, why = await metrics.ready()
-        return (200 if ready else 503), _TEXT, f"{why}\n".encode()
-    if path == "/status":
-        body = json.dumps(metrics.status(), indent=1).encode() + b"\n"
-        return 200, _JSON, body
-    return 404, _TEXT, b"not found: try /metrics, /healthz, /readyz, /status\n"
-
-
-async def _handle(
-    metrics: GatewayMetrics, slots: trio.Semaphore, stream: trio.SocketStream
-) -> None:
-    async with stream:
+    async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """Serve one connection until either side closes it."""
+        slot = self.table.admit()
         try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await _exchange(metrics, stream)
-            await _linger(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            pass
+            with slot.scope:
+                await self._converse(stream, slot)
+            if slot.evicted and not slot.closing:
+                self._gave_up(stream, slot, "evicted")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
         finally:
-            slots.release()
+            self.table.release(slot)
+            await trio.aclose_forcefully(stream)
 
+    def _gave_up(self, stream: trio.abc.Stream, slot: Slot, reason: HttpCloseReason) -> None:
+        """Count and log a connection the gateway closes (before the client can see it)."""
+        slot.closing = True
+        self.metrics.http_connection_closed(reason)
+        peer = peer_name(stream) if isinstance(stream, trio.SocketStream) else "a peer"
+        log.info("HTTP connection from %s closed: %s", peer, reason.replace("_", " "))
 
-async def _linger(stream: trio.SocketStream) -> None:
-    """Read what the client still sends before closing, so that closing with unread
-    data does not reset the connection before the client has read the response."""
-    await stream.send_eof()
-    with trio.move_on_after(LINGER_TIMEOUT):
-        drained = 0
-        while drained < LINGER_BYTES and (chunk := await stream.receive_some(MAX_HEAD)):
-            drained += len(chunk)
+    async def _converse(self, stream: trio.abc.HalfCloseableStream, slot: Slot) -> None:
+        """Requests and answers until either side closes."""
+        limits = self.limits
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        for served in range(1, limits.max_requests + 1):
+            slot.answering = False
+            try:
+                request = await self._next_request(stream, conn)
+            except _Idle:
+                self._gave_up(stream, slot, "idle_timeout")
+                return
+            except trio.TooSlowError:
+                self._gave_up(stream, slot, "head_timeout")
+                await self._fail(stream, conn, 408, b"request timeout\n")
+                return
+            except h11.RemoteProtocolError as exc:
+                self._gave_up(stream, slot, "bad_request")
+                status = exc.error_status_hint
+                await self._fail(stream, conn, status, HTTPStatus(status).phrase.encode() + b"\n")
+                return
+            if request is None:
+                return
+            slot.answering = True
+            # A request body is not read: answer, then close rather than parse past it.
+            try:
+                has_body = not isinstance(conn.next_event(), h11.EndOfMessage)
+            except h11.RemoteProtocolError:
+                has_body = True
+            # h11 checked the syntax; latin-1 maps any byte, so an odd target is a 404.
+            method, target = request.method.decode("latin-1"), request.target.decode("latin-1")
+            status, content_type, body = await respond(
+                self.metrics, method, target, status=self.status
+            )
+            close = has_body or served == limits.max_requests
+            try:
+                await self._send(
+                    stream, conn, status, content_type, body, method=method, close=close
+                )
+            except trio.TooSlowError:
+                self._gave_up(stream, slot, "write_timeout")
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                break
+            conn.start_next_cycle()
+        slot.answering = False
+        slot.closing = True
+        await self._linger(stream)
 
+    async def _next_request(
+        self, stream: trio.abc.ReceiveStream, conn: h11.Connection
+    ) -> h11.Request | None:
+        """The next request head; None if the client closed between requests."""
+        started = bool(conn.trailing_data[0])  # pipelined bytes already count as a start
+        with trio.fail_after(self.limits.head_timeout):
+            while True:
+                event = conn.next_event()
+                if isinstance(event, h11.Request):
+                    return event
+                if isinstance(event, h11.ConnectionClosed):
+                    return None
+                if event is not h11.NEED_DATA:
+                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
+                if started:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                else:
+                    with trio.move_on_after(self.limits.idle_timeout):
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                        started = True
+                    if not started:
+                        raise _Idle
+                conn.receive_data(bytes(data))
 
-async def _exchange(metrics: GatewayMetrics, stream: trio.SocketStream) -> None:
-    method = ""
-    try:
-        with trio.fail_after(READ_TIMEOUT):
-            head = await _read_head(stream)
-        method, target = _request_line(head)
-        status, content_type, body = await respond(metrics, method, target)
-    except _BadRequest as exc:
-        status, content_type, body = exc.status, _TEXT, b"bad request\n"
-    except UnicodeDecodeError:
-        status, content_type, body = 400, _TEXT, b"bad request\n"
-    except trio.TooSlowError:
-        status, content_type, body = 408, _TEXT, b"request timeout\n"
-    with trio.fail_after(WRITE_TIMEOUT):
-        await stream.send_all(_response(status, content_type, body, head=method == "HEAD"))
+    async def _send(
+        self,
+        stream: trio.abc.SendStream,
+        conn: h11.Connection,
+        status: int,
+        content_type: str,
+        body: bytes,
+        *,
+        method: str = "GET",
+        close: bool,
+    ) -> None:
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+        if status == 405:
+            headers.append(("Allow", "GET, HEAD"))
+        if close:
+            headers.append(("Connection", "close"))
+        reason = HTTPStatus(status).phrase
+        events: list[h11.Event] = [h11.Response(status_code=status, headers=headers, reason=reason)]
+        if method != "HEAD":
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        data = b"".join(conn.send(event) or b"" for event in events)
+        with trio.fail_after(self.limits.write_timeout):
+            await stream.send_all(data)
+
+    async def _fail(
+        self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, status: int, body: bytes
+    ) -> None:
+        """Answer a request that cannot be served, then close."""
+        try:
+            await self._send(stream, conn, status, TEXT, body, close=True)
+        except (h11.LocalProtocolError, trio.TooSlowError):
+            return  # too late to answer: close without one
+        await self._linger(stream)
+
+    async def _linger(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """Read what the client still sends before closing, so that closing with unread
+        data does not reset the connection before the client has read the answer."""
+        await stream.send_eof()
+        with trio.move_on_after(LINGER_TIMEOUT):
+            drained = 0
+            while drained < LINGER_BYTES and (chunk := await stream.receive_some(RECEIVE_SIZE)):
+                drained += len(chunk)
 
 
 async def serve_http(
     metrics: GatewayMetrics,
     address: Address,
     *,
+    status: bool = True,
+    limits: HttpLimits | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints on `address` until cancelled; `metrics.http_addresses` says
-    where (useful with port 0)."""
+    where (useful with port 0). `status=False`: /status answers 404."""
+    limits = limits or HttpLimits(idle_timeout=metrics.settings.idle_timeout)
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]
         metrics.http_addresses.append(Address(host, port))
-        log.info("metrics and health on http://%s/metrics", Address(host, port))
+        what = "metrics, health and status" if status else "metrics and health"
+        log.info("%s on http://%s/", what, Address(host, port))
     task_status.started(listeners)
-    slots = trio.Semaphore(MAX_CONNECTIONS)
-    handler: Any = partial(_handle, metrics, slots)
-    await trio.serve_listeners(handler, listeners)
+    endpoint = HttpEndpoint(metrics, status=status, limits=limits)
+    await trio.serve_listeners(endpoint.handle, listeners)
+
+
+async def start_http(nursery: trio.Nursery, metrics: GatewayMetrics) -> None:
+    """Start the endpoints `metrics.settings` asks for: `listen` (with /status unless
+    `status` is false) and `status_listen` (with /status)."""
+    settings = metrics.settings
+    if settings.listen is not None:
+        await nursery.start(partial(serve_http, metrics, settings.listen, status=settings.status))
+    if settings.status_listen is not None:
+        await nursery.start(partial(serve_http, metrics, settings.status_listen, status=True))

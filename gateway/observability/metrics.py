@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -42,6 +42,9 @@ from .series import DeviceLabeler, SeriesTable, SessionMeter
 PREFIX = "usbip_gateway_"
 GatewayRole = Literal["server", "client"]
 PolicyTarget = Literal["devlist", "import"]
+#: Why the HTTP endpoint closed a connection its client had not closed.
+HttpCloseReason = Literal["evicted", "idle_timeout", "head_timeout", "write_timeout", "bad_request"]
+HTTP_CLOSE_REASONS: tuple[HttpCloseReason, ...] = get_args(HttpCloseReason)
 
 #: Session outcome classes (the `outcome` label of sessions_total), by outcome prefix.
 OUTCOME_CLASSES: tuple[tuple[str, str], ...] = (
@@ -211,6 +214,16 @@ class GatewayMetrics:
             ["role"],
             registry=registry,
         ).labels(role)
+        http_closed = Counter(
+            f"{p}http_connections_closed",
+            "Connections to the HTTP endpoint closed by the gateway, by reason: evicted "
+            "(the oldest waiting one, to make room at the connection limit), idle_timeout "
+            "(no request), head_timeout (request head too slow), write_timeout (response "
+            "not read), bad_request (malformed or oversized request).",
+            ["role", "reason"],
+            registry=registry,
+        )
+        self._http_closed = {r: http_closed.labels(role, r) for r in HTTP_CLOSE_REASONS}
         self._upstream_up = Gauge(
             f"{p}upstream_up",
             "1 if the last connection or check upstream succeeded, else 0 (-1: not yet known).",
@@ -291,6 +304,9 @@ class GatewayMetrics:
     def connection_refused(self) -> None:
         """A connection was closed unserved: the gateway had max_connections open."""
         self._refused.inc()
+
+    def http_connection_closed(self, reason: HttpCloseReason) -> None:
+        self._http_closed[reason].inc()
 
     def upstream_connected(self) -> None:
         self._upstream_up.set(1)

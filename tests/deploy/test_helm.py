@@ -273,6 +273,37 @@ def test_server_probes_hit_healthz_and_readyz_on_the_metrics_port(tmp_path: Path
     assert config.metrics.listen is not None
     assert config.metrics.listen.port == METRICS_PORT
     assert config.metrics.listen.host == "0.0.0.0"  # the kubelet probes the pod's address
+    # /status (identities, devices) is not on the pod's address: only on its loopback.
+    assert config.metrics.status is False
+    assert str(config.metrics.status_listen) == "127.0.0.1:9242"
+
+
+@pytest.mark.parametrize(
+    ("values", "status", "status_listen"),
+    [
+        ({"metrics": {"status": {"exposed": True}}}, True, "127.0.0.1:9242"),
+        ({"metrics": {"status": {"loopbackPort": 0}}}, False, None),
+    ],
+    ids=["exposed", "no-loopback"],
+)
+def test_server_status_endpoint_follows_the_values(
+    tmp_path: Path, values: dict[str, Any], status: bool, status_listen: str | None
+) -> None:
+    docs = objects(MINIMAL | values)
+    config = accept("server", find(docs, "ConfigMap", "-server")["data"]["server.toml"], tmp_path)
+    assert config.metrics.status is status
+    got = config.metrics.status_listen
+    assert (None if got is None else str(got)) == status_listen
+
+
+def test_client_status_only_while_its_listener_is_on_loopback(tmp_path: Path) -> None:
+    moved = CLIENT_ONLY | {
+        "client": CLIENT_ONLY["client"] | {"metrics": {"listen": "0.0.0.0:9241"}}
+    }
+    for values, status in ((CLIENT_ONLY, True), (moved, False)):
+        docs = objects(values)
+        toml = find(docs, "ConfigMap", "-client")["data"]["client.toml"]
+        assert accept("client", toml, tmp_path).metrics.status is status
 
 
 def test_client_probes_reach_its_loopback_metrics_listener(tmp_path: Path) -> None:
@@ -446,6 +477,10 @@ def test_client_loads_vhci_hcd_with_sys_module_only() -> None:
             "dnsNames or ipAddresses",
         ),
         ({"server": {"enabled": False}, "client": {"enabled": True}}, "client.server"),
+        (
+            {"server": {"tls": {"secretName": "x"}}, "metrics": {"status": {"loopbackPort": 9240}}},
+            "loopbackPort must differ",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:

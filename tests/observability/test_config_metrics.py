@@ -36,6 +36,9 @@ def test_metrics_section(pki: PKI) -> None:
             device_label_limit=8,
             enabled=False,
             upstream_check_interval=2.5,
+            status=False,
+            status_listen="127.0.0.1:9242",
+            idle_timeout=1.5,
         )
     )
     assert config.metrics == MetricsSettings(
@@ -44,6 +47,9 @@ def test_metrics_section(pki: PKI) -> None:
         device_label="vidpid",
         device_label_limit=8,
         upstream_check_interval=2.5,
+        status=False,
+        status_listen=Address("127.0.0.1", 9242),
+        idle_timeout=1.5,
     )
 
 
@@ -55,6 +61,8 @@ def test_metrics_section(pki: PKI) -> None:
         ({"listen": "[::1"}, "metrics.listen:"),
         ({"device_label_limit": 0}, "metrics.device_label_limit: 0 is outside"),
         ({"lisen": "127.0.0.1:9240"}, "metrics.lisen: unknown key"),
+        ({"status": "off"}, "metrics.status: must be true or false"),
+        ({"idle_timeout": 0}, "metrics.idle_timeout: must be greater than 0"),
     ],
 )
 def test_errors_name_the_key(pki: PKI, metrics: dict[str, Any], message: str) -> None:
@@ -69,3 +77,13 @@ def test_flags(pki: PKI) -> None:
     config = client_config(merge(_client(pki), _overrides("client", args)))
     assert config.metrics.listen == Address("::1", 9999)
     assert config.metrics.device_label == "busid"
+    assert config.metrics.status  # on unless asked
+
+
+def test_status_flags(pki: PKI) -> None:
+    args = build_parser().parse_args(
+        ["client", "--metrics-no-status", "--metrics-status-listen", "127.0.0.1:9242"]
+    )
+    config = client_config(merge(_client(pki), _overrides("client", args)))
+    assert config.metrics.status is False
+    assert config.metrics.status_listen == Address("127.0.0.1", 9242)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+from functools import partial
 
+import h11
 import pytest
 import trio
 import trio.testing
 
 from gateway.client import ClientGateway
 from gateway.config import Address, ClientConfig, MetricsSettings
-from gateway.observability import http
-from gateway.observability.http import serve_http
+from gateway.observability.http import HttpEndpoint, HttpLimits, serve_http, start_http
 from gateway.observability.metrics import GatewayMetrics, UpstreamCheck
 
 from ..pki import PKI
@@ -28,6 +29,8 @@ async def request(address: Address, raw: bytes) -> tuple[int, dict[str, str], by
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
+    if not data:
+        return 0, {}, b""  # closed unanswered
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
@@ -37,7 +40,8 @@ async def request(address: Address, raw: bytes) -> tuple[int, dict[str, str], by
 async def get(
     address: Address, path: str, method: str = "GET"
 ) -> tuple[int, dict[str, str], bytes]:
-    return await request(address, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    return await request(address, raw.encode())
 
 
 def closed_port() -> Address:
@@ -45,6 +49,11 @@ def closed_port() -> Address:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return Address(LOOPBACK, sock.getsockname()[1])
+
+
+def closed(metrics: GatewayMetrics, reason: str) -> float | None:
+    labels = {"role": metrics.role, "reason": reason}
+    return metrics.registry.get_sample_value("usbip_gateway_http_connections_closed_total", labels)
 
 
 async def start(nursery: trio.Nursery, metrics: GatewayMetrics) -> Address:
@@ -141,13 +150,26 @@ async def test_readiness_follows_usbipd(nursery: trio.Nursery) -> None:
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
-        (b"GET /nothing HTTP/1.1\r\n\r\n", 404),
-        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
+        (
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            405,
+        ),
+        (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde", 405),
+        (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 requires Host
         (b"GET /metrics\r\n\r\n", 400),
         (b"\xff\xfe / HTTP/1.1\r\n\r\n", 400),
         (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
     ],
-    ids=["unknown-path", "post", "http-0.9", "not-ascii", "head-too-large"],
+    ids=[
+        "unknown-path",
+        "post",
+        "post-with-body",
+        "no-host",
+        "http-0.9",
+        "not-ascii",
+        "head-too-large",
+    ],
 )
 async def test_bad_requests(nursery: trio.Nursery, raw: bytes, status: int) -> None:
     address = await start(nursery, GatewayMetrics("client"))
@@ -164,32 +186,147 @@ async def test_head_has_no_body(nursery: trio.Nursery) -> None:
     assert (status, headers["content-length"], body) == (200, "3", b"")
 
 
-async def test_a_silent_client_times_out(
+async def test_a_slow_request_head_gets_408(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    address = await start(nursery, GatewayMetrics("client"))
+    metrics = GatewayMetrics("client")
+    address = await start(nursery, metrics)
     stream = await trio.open_tcp_stream(address.host, address.port)
     async with stream:
         await stream.send_all(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
-        with trio.fail_after(http.READ_TIMEOUT * 2):
+        started = trio.current_time()
+        with trio.fail_after(HttpLimits().head_timeout * 2):
             data = b""
             while chunk := await stream.receive_some(65536):
                 data += chunk
     assert data.startswith(b"HTTP/1.1 408 ")
+    assert trio.current_time() - started >= HttpLimits().head_timeout
+    assert closed(metrics, "head_timeout") == 1
 
 
-async def test_connections_past_the_limit_are_closed(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+async def test_an_idle_connection_is_closed_after_the_configured_idle_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    monkeypatch.setattr(http, "MAX_CONNECTIONS", 1)
-    address = await start(nursery, GatewayMetrics("client"))
+    metrics = GatewayMetrics("server", MetricsSettings(idle_timeout=2.0))
+    address = await start(nursery, metrics)
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    started = trio.current_time()
+    with trio.fail_after(3.0):
+        assert await stream.receive_some(100) == b""  # closed unanswered
+    assert trio.current_time() - started >= 2.0
+    await stream.aclose()
+    assert closed(metrics, "idle_timeout") == 1
+
+
+async def test_the_oldest_waiting_connection_makes_room(nursery: trio.Nursery) -> None:
+    metrics = GatewayMetrics("client")
+    await nursery.start(
+        partial(serve_http, metrics, Address(LOOPBACK, 0), limits=HttpLimits(max_connections=1))
+    )
+    address = metrics.http_addresses[0]
     first = await trio.open_tcp_stream(address.host, address.port)
-    await first.send_all(b"GET /healthz HTTP/1.1\r\n")  # holds the only slot
-    second = await trio.open_tcp_stream(address.host, address.port)
-    await second.send_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+    await first.send_all(b"GET /healthz HTTP/1.1\r\n")  # holds the only slot, head unfinished
+    status, _, body = await get(address, "/healthz")
+    assert (status, body) == (200, b"ok\n")
     with contextlib.suppress(trio.BrokenResourceError):  # a reset or a FIN: closed either way
-        assert await second.receive_some(100) == b""
-    await second.aclose()
-    await first.send_all(b"\r\n")
-    assert (await first.receive_some(100)).startswith(b"HTTP/1.1 200 ")
+        assert await first.receive_some(100) == b""
     await first.aclose()
+    assert closed(metrics, "evicted") == 1
+
+
+async def test_a_closing_connection_made_to_give_way_is_counted_once(
+    nursery: trio.Nursery,
+) -> None:
+    metrics = GatewayMetrics("client")
+    await nursery.start(
+        partial(serve_http, metrics, Address(LOOPBACK, 0), limits=HttpLimits(max_connections=1))
+    )
+    address = metrics.http_addresses[0]
+    first = await trio.open_tcp_stream(address.host, address.port)
+    await first.send_all(b"GET /metrics\r\n\r\n")
+    assert (await first.receive_some(100)).startswith(b"HTTP/1.1 400 ")  # then it lingers
+    assert (await get(address, "/healthz"))[0] == 200  # the lingering one gave way
+    await first.aclose()
+    assert (closed(metrics, "bad_request"), closed(metrics, "evicted")) == (1, 0)
+
+
+async def test_healthz_is_served_past_many_silent_connections(nursery: trio.Nursery) -> None:
+    metrics = GatewayMetrics("client")
+    address = await start(nursery, metrics)
+    silent = [await trio.open_tcp_stream(address.host, address.port) for _ in range(100)]
+    try:
+        with trio.fail_after(10):  # a bound in case of a hang, not a synchronisation
+            status, _, body = await get(address, "/healthz")
+    except trio.BrokenResourceError:
+        pytest.fail("/healthz refused while silent connections hold the table")
+    assert (status, body) == (200, b"ok\n")
+    for stream in silent:
+        await stream.aclose()
+    # Every connection past the limit made room by closing an older, waiting one.
+    assert closed(metrics, "evicted") == 100 + 1 - HttpLimits().max_connections
+
+
+async def test_keep_alive_serves_a_bounded_number_of_requests(nursery: trio.Nursery) -> None:
+    metrics = GatewayMetrics("client")
+    await nursery.start(
+        partial(serve_http, metrics, Address(LOOPBACK, 0), limits=HttpLimits(max_requests=3))
+    )
+    address = metrics.http_addresses[0]
+    client = h11.Connection(h11.CLIENT)
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    answers: list[tuple[int, bool]] = []
+    async with stream:
+        for method in ("GET", "HEAD", "GET"):
+            request = h11.Request(method=method, target="/healthz", headers=[("Host", "x")])
+            await stream.send_all(
+                (client.send(request) or b"") + (client.send(h11.EndOfMessage()) or b"")
+            )
+            body = b""
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    answers.append((event.status_code, (b"connection", b"close") in event.headers))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            assert body == (b"" if method == "HEAD" else b"ok\n")
+            if client.our_state is h11.DONE and client.their_state is h11.DONE:
+                client.start_next_cycle()
+        assert await stream.receive_some(100) == b""  # closed after the third
+    assert answers == [(200, False), (200, False), (200, True)]
+
+
+async def test_an_answer_the_client_does_not_read_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = GatewayMetrics("client")
+    endpoint = HttpEndpoint(metrics, status=True, limits=HttpLimits(write_timeout=3.0))
+    client, server = trio.testing.lockstep_stream_pair()  # no buffer: a send waits for a read
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(endpoint.handle, server)
+        await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = trio.current_time()
+    # handle() returned: the connection was given up, after the write timeout.
+    assert trio.current_time() - started >= 3.0
+    assert closed(metrics, "write_timeout") == 1
+    assert len(endpoint.table) == 0
+
+
+async def test_status_can_be_left_off_the_metrics_endpoint(nursery: trio.Nursery) -> None:
+    settings = MetricsSettings(
+        listen=Address(LOOPBACK, 0), status=False, status_listen=Address(LOOPBACK, 0)
+    )
+    metrics = GatewayMetrics("server", settings)
+    await start_http(nursery, metrics)
+    public, private = metrics.http_addresses
+    assert (await get(public, "/metrics"))[0] == 200
+    assert (await get(public, "/healthz"))[0] == 200
+    status, _, body = await get(public, "/status")
+    assert status == 404
+    assert b"/status" not in body
+    status, _, body = await get(private, "/status")
+    assert status == 200
+    assert json.loads(body)["role"] == "server"

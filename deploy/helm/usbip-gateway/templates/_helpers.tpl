@@ -127,7 +127,11 @@ integers.
     "min_version" .Values.server.tls.minVersion)
   "metrics" (dict
     "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port))
+    "status" .Values.metrics.status.exposed
     "device_label" .Values.metrics.deviceLabel) -}}
+{{- if .Values.metrics.status.loopbackPort -}}
+{{- $_ := set (index $managed "metrics") "status_listen" (printf "127.0.0.1:%d" (int .Values.metrics.status.loopbackPort)) -}}
+{{- end -}}
 {{- if include "usbip-gateway.hasPolicy" . -}}
 {{- $_ := set $managed "policy" (dict
     "file" "/etc/usbip-gateway/policy/policy.rules"
@@ -159,7 +163,10 @@ integers.
     "key" "/etc/usbip-gateway/tls/tls.key"
     "ca" "/etc/usbip-gateway/tls/ca.crt"
     "min_version" .Values.client.tls.minVersion)
-  "metrics" (dict "listen" .Values.client.metrics.listen "device_label" .Values.metrics.deviceLabel) -}}
+  "metrics" (dict
+    "listen" .Values.client.metrics.listen
+    "status" (or .Values.metrics.status.exposed (eq (include "usbip-gateway.isLoopback" .Values.client.metrics.listen) "true"))
+    "device_label" .Values.metrics.deviceLabel) -}}
 {{- if .Values.client.tls.crl.configMap -}}
 {{- $_ := set (index $managed "tls") "crl" "/etc/usbip-gateway/crl/crl.pem" -}}
 {{- end -}}
@@ -172,6 +179,12 @@ integers.
 {{- define "usbip-gateway.port" -}}
 {{- $parts := splitList ":" . -}}
 {{- last $parts -}}
+{{- end -}}
+
+{{/* "true" if HOST:PORT is on loopback: /status may be served there. */}}
+{{- define "usbip-gateway.isLoopback" -}}
+{{- $host := trimSuffix (printf ":%s" (include "usbip-gateway.port" .)) . | trimPrefix "[" | trimSuffix "]" -}}
+{{- or (hasPrefix "127." $host) (eq $host "::1") (eq $host "localhost") -}}
 {{- end -}}
 
 {{- define "usbip-gateway.loopbackHost" -}}
