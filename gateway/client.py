@@ -18,7 +18,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay import close_all, log_session_end, relay
 from gateway.reloading import watch_tls
-from gateway.serving import Acceptor
+from gateway.serving import Acceptor, Slot
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.names import local_name, peer_name
@@ -52,7 +52,12 @@ class ClientGateway:
         self.sessions: dict[int, Session] = {}
         self.metrics = GatewayMetrics.for_client(config)
         self.acceptor = Acceptor(
-            "client gateway", self.handle, config.max_connections, self.metrics.connection_refused
+            "client gateway",
+            self.handle,
+            config.max_connections,
+            self.metrics.connection_refused,
+            max_handshakes=config.resources.max_handshakes,
+            max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -116,7 +121,10 @@ class ClientGateway:
         self.metrics.handshake_succeeded()
         return stream
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, slot: Slot) -> None:
+        # Local USB/IP has no handshake: a session from the start.
+        if not slot.promote():
+            return
         session = Session("client", "", peer_name(stream), time.time())
         self.sessions[session.id] = session
         self.metrics.session_started(session)

@@ -38,7 +38,7 @@ from gateway.protocol import (
 )
 from gateway.relay import close_all, log_session_end, receive_frame, relay
 from gateway.reloading import watch, watch_tls
-from gateway.serving import Acceptor
+from gateway.serving import Acceptor, Slot
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.names import local_name, peer_name
@@ -107,7 +107,12 @@ class ServerGateway:
         self.attached: dict[int, Attached] = {}
         self.metrics = GatewayMetrics.for_server(config)
         self.acceptor = Acceptor(
-            "server gateway", self.handle, config.max_connections, self.metrics.connection_refused
+            "server gateway",
+            self.handle,
+            config.max_connections,
+            self.metrics.connection_refused,
+            max_handshakes=config.resources.max_handshakes,
+            max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
         if config.policy.file is None:
             log.warning(
@@ -181,7 +186,7 @@ class ServerGateway:
 
     # -- one connection
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, slot: Slot) -> None:
         address = peer_name(stream)
         tls_stream = trio.SSLStream(stream, self.tls.current, server_side=True)
         try:
@@ -192,6 +197,9 @@ class ServerGateway:
             await trio.aclose_forcefully(tls_stream)
             return
         self.metrics.handshake_succeeded()
+        if not slot.promote():  # every session place taken meanwhile (counted, logged)
+            await trio.aclose_forcefully(tls_stream)
+            return
         identity = peer_identity(tls_stream)
         session = Session("server", str(identity), address, time.time())
         session.transport = transport_name(stream)

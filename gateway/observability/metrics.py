@@ -33,6 +33,7 @@ from prometheus_client.utils import floatToGoString
 from gateway import __version__
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus
+from gateway.serving import REFUSAL_LIMITS, RefusalLimit
 from gateway.session import Session
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
@@ -205,12 +206,15 @@ class GatewayMetrics:
             ["role"],
             registry=registry,
         ).labels(role)
-        self._refused = Counter(
+        refused = Counter(
             f"{p}connections_refused",
-            "Connections closed at once because max_connections were already open.",
-            ["role"],
+            "Connections closed unserved, by the limit reached: connections "
+            "(max_connections sessions open), handshakes (max_handshakes in progress), "
+            "handshakes_per_source (max_handshakes_per_source from one address).",
+            ["role", "limit"],
             registry=registry,
-        ).labels(role)
+        )
+        self._refused = {limit: refused.labels(role, limit) for limit in REFUSAL_LIMITS}
         self._upstream_up = Gauge(
             f"{p}upstream_up",
             "1 if the last connection or check upstream succeeded, else 0 (-1: not yet known).",
@@ -288,9 +292,9 @@ class GatewayMetrics:
         self._handshakes.inc()
         self._handshake_failures.get(reason, self._handshake_failures["other"]).inc()
 
-    def connection_refused(self) -> None:
-        """A connection was closed unserved: the gateway had max_connections open."""
-        self._refused.inc()
+    def connection_refused(self, limit: RefusalLimit = "connections") -> None:
+        """A connection was closed unserved: `limit` was reached."""
+        self._refused[limit].inc()
 
     def upstream_connected(self) -> None:
         self._upstream_up.set(1)
