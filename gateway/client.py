@@ -12,11 +12,12 @@ from typing import Any
 
 import trio
 
+from gateway.buffer_budget import BufferBudget
 from gateway.config import ClientConfig, is_loopback
 from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
-from gateway.relay import close_all, log_session_end, relay
+from gateway.relay import IdleTimeouts, close_all, log_session_end, relay
 from gateway.reloading import watch_tls
 from gateway.serving import Acceptor, Slot
 from gateway.session import Session
@@ -51,6 +52,8 @@ class ClientGateway:
         )
         self.sessions: dict[int, Session] = {}
         self.metrics = GatewayMetrics.for_client(config)
+        self.buffers = BufferBudget(config.resources.max_buffered_bytes)
+        self.metrics.track_buffers(self.buffers)
         self.acceptor = Acceptor(
             "client gateway",
             self.handle,
@@ -160,6 +163,8 @@ class ClientGateway:
                 link,
                 session,
                 threads=self.config.transport.data_plane == "threads",
+                budget=self.buffers,
+                idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
             )
         finally:
             await close_all(stream)

@@ -19,6 +19,7 @@ import trio
 
 from gateway.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.audit import AuditLog
+from gateway.buffer_budget import BufferBudget
 from gateway.config import ServerConfig
 from gateway.facts import NoStrings, StringSource, SysfsStrings
 from gateway.observability.http import serve_http
@@ -36,7 +37,7 @@ from gateway.protocol import (
     Role,
     Splice,
 )
-from gateway.relay import close_all, log_session_end, receive_frame, relay
+from gateway.relay import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.reloading import watch, watch_tls
 from gateway.serving import Acceptor, Slot
 from gateway.session import Session
@@ -106,6 +107,8 @@ class ServerGateway:
         self.sessions: dict[int, Session] = {}
         self.attached: dict[int, Attached] = {}
         self.metrics = GatewayMetrics.for_server(config)
+        self.buffers = BufferBudget(config.resources.max_buffered_bytes)
+        self.metrics.track_buffers(self.buffers)
         self.acceptor = Acceptor(
             "server gateway",
             self.handle,
@@ -411,6 +414,9 @@ class ServerGateway:
                     upstream,
                     session,
                     threads=self.config.transport.data_plane == "threads",
+                    budget=self.buffers,
+                    # The op phase is behind us (bounded by request_timeout).
+                    idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
                 )
             finally:
                 del self.attached[session.id]

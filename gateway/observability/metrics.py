@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
+from gateway.buffer_budget import BufferBudget
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus
 from gateway.serving import REFUSAL_LIMITS, RefusalLimit
@@ -58,6 +59,8 @@ OUTCOME_CLASSES: tuple[tuple[str, str], ...] = (
     ("server gateway", "upstream_unreachable"),
     ("TLS to", "tls_failed"),
     ("no request within", "timeout"),
+    ("idle", "timeout"),
+    ("over memory budget", "resource_limit"),
     ("usbipd did not answer", "timeout"),
     ("connection lost", "connection_lost"),
     ("usbipd closed", "connection_lost"),
@@ -215,6 +218,13 @@ class GatewayMetrics:
             registry=registry,
         )
         self._refused = {limit: refused.labels(role, limit) for limit in REFUSAL_LIMITS}
+        self._buffered = Gauge(
+            f"{p}buffered_bytes",
+            "Bytes of partial frames held by all sessions together (limit: "
+            "limits.max_buffered_bytes).",
+            ["role"],
+            registry=registry,
+        ).labels(role)
         self._upstream_up = Gauge(
             f"{p}upstream_up",
             "1 if the last connection or check upstream succeeded, else 0 (-1: not yet known).",
@@ -295,6 +305,10 @@ class GatewayMetrics:
     def connection_refused(self, limit: RefusalLimit = "connections") -> None:
         """A connection was closed unserved: `limit` was reached."""
         self._refused[limit].inc()
+
+    def track_buffers(self, budget: BufferBudget) -> None:
+        """Report `budget`'s total as the buffered_bytes gauge, read when scraped."""
+        self._buffered.set_function(lambda: budget.total)
 
     def upstream_connected(self) -> None:
         self._upstream_up.set(1)
