@@ -45,7 +45,7 @@ class Slot:
 
     def promote(self) -> bool:
         """Move to the session pool; False (refused, counted and logged) if it is full."""
-        return self._acceptor._promote(self)
+        return self._acceptor.promote(self)
 
 
 Handler = Callable[[trio.SocketStream, Slot], Awaitable[None]]
@@ -158,7 +158,8 @@ class Acceptor:
             return "handshakes_per_source"
         return None
 
-    def _promote(self, slot: Slot) -> bool:
+    def promote(self, slot: Slot) -> bool:
+        """`slot` joins the session pool (`Slot.promote`)."""
         if slot.established:
             return True
         if self.established >= self.max_connections:
