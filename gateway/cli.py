@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -18,6 +19,7 @@ from gateway.certificates import add_certs_parser
 from gateway.client import ClientGateway
 from gateway.config import DATA_PLANES, ClientConfig, ConfigError, ServerConfig, load
 from gateway.discovery import add_discover_parser
+from gateway.fd_limit import FdLimitError, fit_fd_limit
 from gateway.logs import setup_logging
 from gateway.policy import PolicyError
 from gateway.policy.cli import add_policy_parser
@@ -184,6 +186,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     setup_logging(config.log.level, config.log.format)
+    try:
+        fitted = fit_fd_limit(config.max_connections, config.resources.max_handshakes)
+    except FdLimitError as exc:
+        print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
+        return 2
+    config = dataclasses.replace(config, max_connections=fitted)
     try:
         gateway = (
             ServerGateway(config) if isinstance(config, ServerConfig) else ClientGateway(config)

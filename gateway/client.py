@@ -12,13 +12,14 @@ from typing import Any
 
 import trio
 
+from gateway.buffer_budget import BufferBudget
 from gateway.config import ClientConfig, is_loopback
 from gateway.observability.http import start_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
-from gateway.relay import close_all, log_session_end, relay
+from gateway.relay import IdleTimeouts, close_all, log_session_end, relay
 from gateway.reloading import watch_tls
-from gateway.serving import Acceptor
+from gateway.serving import Acceptor, Slot
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.names import local_name, peer_name
@@ -51,8 +52,15 @@ class ClientGateway:
         )
         self.sessions: dict[int, Session] = {}
         self.metrics = GatewayMetrics.for_client(config)
+        self.buffers = BufferBudget(config.resources.max_buffered_bytes)
+        self.metrics.track_buffers(self.buffers)
         self.acceptor = Acceptor(
-            "client gateway", self.handle, config.max_connections, self.metrics.connection_refused
+            "client gateway",
+            self.handle,
+            config.max_connections,
+            self.metrics.connection_refused,
+            max_handshakes=config.resources.max_handshakes,
+            max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -115,7 +123,10 @@ class ClientGateway:
         self.metrics.handshake_succeeded()
         return stream
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, slot: Slot) -> None:
+        # Local USB/IP has no handshake: a session from the start.
+        if not slot.promote():
+            return
         session = Session("client", "", peer_name(stream), time.time())
         self.sessions[session.id] = session
         self.metrics.session_started(session)
@@ -151,6 +162,8 @@ class ClientGateway:
                 link,
                 session,
                 threads=self.config.transport.data_plane == "threads",
+                budget=self.buffers,
+                idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
             )
         finally:
             await close_all(stream)

@@ -140,6 +140,19 @@ class CompressionSettings:
         return self.algorithm == "zstd"
 
 
+@dataclass(frozen=True, slots=True)
+class ResourceLimits:
+    """What all the connections of one gateway may hold together (the `[limits]` table,
+    beside the per-frame protocol limits): these bound an attacker with many connections."""
+
+    # Connections accepted whose TLS handshake is not done yet: a pool of their own, so
+    # silent connections cannot take the places of sessions (`max_connections`).
+    max_handshakes: int = 128
+    max_handshakes_per_source: int = 16  # per client IP address
+    # Partial frames held across all sessions (each one may hold up to a transfer).
+    max_buffered_bytes: int = 256 * 1024 * 1024
+
+
 DATA_PLANES = ("threads", "trio")
 
 
@@ -199,7 +212,11 @@ class ServerConfig:
     connect_timeout: float = 5.0
     max_connections: int = 1024  # beyond this, new connections are closed at once
     shutdown_timeout: float = 30.0  # SIGTERM: how long open sessions may take to end
+    # Attached sessions with no byte either way this long are closed; None: never (a
+    # USB device may be idle for hours).
+    attached_idle_timeout: float | None = None
     limits: Limits = field(default_factory=Limits)
+    resources: ResourceLimits = field(default_factory=ResourceLimits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
@@ -222,7 +239,12 @@ class ClientConfig:
     connect_timeout: float = 5.0
     max_connections: int = 1024
     shutdown_timeout: float = 30.0
+    # A session still in the op phase (before its import) with no byte either way this
+    # long is closed. The server gateway bounds its op phase with `request_timeout`.
+    op_idle_timeout: float = 30.0
+    attached_idle_timeout: float | None = None
     limits: Limits = field(default_factory=Limits)
+    resources: ResourceLimits = field(default_factory=ResourceLimits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
@@ -305,6 +327,10 @@ class _Table:
             raise ConfigError(self.key(name), f"{value} is outside {minimum}..{maximum}")
         return value
 
+    def optional_number(self, name: str) -> float | None:
+        """Seconds, or None when the key is absent (the feature is off)."""
+        return self.number(name, 0.0) if self.has(name) else None
+
     def optional_address(self, name: str, default_port: int) -> Address | None:
         if self.raw(name) is None:
             return None
@@ -346,7 +372,8 @@ def _tls(table: _Table, base: Path) -> TLSSettings:
     return tls
 
 
-def _limits(table: _Table) -> Limits:
+def _limits(table: _Table) -> tuple[Limits, ResourceLimits]:
+    """The `[limits]` table: per-frame limits for the parser, gateway-wide ones."""
     d = Limits()
     limits = Limits(
         max_transfer_length=table.integer("max_transfer_length", d.max_transfer_length),
@@ -354,8 +381,18 @@ def _limits(table: _Table) -> Limits:
         max_pending_urbs=table.integer("max_pending_urbs", d.max_pending_urbs),
         max_devices=table.integer("max_devices", d.max_devices),
     )
+    r = ResourceLimits()
+    resources = ResourceLimits(
+        max_handshakes=table.integer("max_handshakes", r.max_handshakes),
+        max_handshakes_per_source=table.integer(
+            "max_handshakes_per_source", r.max_handshakes_per_source
+        ),
+        max_buffered_bytes=table.integer(
+            "max_buffered_bytes", r.max_buffered_bytes, minimum=1024 * 1024, maximum=2**62
+        ),
+    )
     table.done()
-    return limits
+    return limits, resources
 
 
 def _log(table: _Table) -> LogSettings:
@@ -525,13 +562,16 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 def _common(top: _Table, section: _Table, base: Path) -> dict[str, Any]:
     """The settings both roles have, read from their own tables."""
+    limits, resources = _limits(top.table("limits"))
     return {
         "tls": _tls(top.table("tls"), base),
         "handshake_timeout": section.number("handshake_timeout", 10.0),
         "connect_timeout": section.number("connect_timeout", 5.0),
         "max_connections": section.integer("max_connections", 1024),
         "shutdown_timeout": section.number("shutdown_timeout", 30.0),
-        "limits": _limits(top.table("limits")),
+        "attached_idle_timeout": section.optional_number("attached_idle_timeout"),
+        "limits": limits,
+        "resources": resources,
         "log": _log(top.table("log")),
         "metrics": _metrics(top.table("metrics")),
         "compression": _compression(top.table("compression")),
@@ -566,6 +606,7 @@ def client_config(data: Mapping[str, Any], base: Path = Path(".")) -> ClientConf
         server=server,
         server_name=section.string("server_name", server.host),
         listen=section.addresses("listen", (Address("127.0.0.1", DEFAULT_PORT),)),
+        op_idle_timeout=section.number("op_idle_timeout", 30.0),
         agent=_agent(top.table("agent"), base),
     )
     section.done()

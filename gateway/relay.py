@@ -20,11 +20,21 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 
 import trio
 
+from gateway.buffer_budget import BufferBudget, Holding, OverBudget
 from gateway.logs import kv
-from gateway.protocol import ConnectionClosed, Frame, NeedData, ProtocolError, Role, Splice
+from gateway.protocol import (
+    ConnectionClosed,
+    Frame,
+    NeedData,
+    Phase,
+    ProtocolError,
+    Role,
+    Splice,
+)
 from gateway.session import Session
 from gateway.transport.blocking import AnyEndpoint, LinkBroken, endpoint
 from gateway.transport.direct import direct_io
@@ -36,6 +46,27 @@ CLOSE_TIMEOUT = 2.0
 
 
 Observe = Callable[[Role, Frame, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class IdleTimeouts:
+    """Seconds without a byte either way after which a session is closed; None: never."""
+
+    op: float | None = None  # before a successful import (and after a DEVLIST)
+    attached: float | None = None  # the URB phase: a device may be idle legitimately
+
+
+class Activity:
+    """When the last byte arrived from either side (the pumps' clock)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
+def _over_budget(sender: Role, exc: OverBudget) -> str:
+    return f"over memory budget: the {sender.value} sent {exc}"
 
 
 def cut_frames(
@@ -75,11 +106,19 @@ async def forward(
     session: Session,
     *,
     clock: Callable[[], float] = trio.current_time,
+    holding: Holding | None = None,
+    activity: Activity | None = None,
 ) -> str:
-    """Pump one direction until `sender` closes; returns how it ended."""
+    """Pump one direction until `sender` closes; returns how it ended. `holding` counts
+    the partial frames held against the gateway's budget (OverBudget past it)."""
     while True:
         data = await source.receive_some(RECEIVE_SIZE)
-        out, closed, error = cut_frames(splice, sender, data, session.observe, clock())
+        now = clock()
+        if activity is not None:
+            activity.at = now
+        out, closed, error = cut_frames(splice, sender, data, session.observe, now)
+        if holding is not None:
+            holding.update(splice.buffered(sender))
         if out:
             await sink.send_all(out)
         if error is not None:
@@ -103,6 +142,8 @@ def forward_blocking(
     session: Session,
     *,
     lock: threading.Lock,
+    holding: Holding | None = None,
+    activity: Activity | None = None,
 ) -> str:
     """`forward` for a thread: blocking reads and writes, the same checks. `lock` guards
     `splice` against the other direction's thread."""
@@ -115,8 +156,14 @@ def forward_blocking(
     clock = time.perf_counter
     while True:
         data = source.recv()
+        now = clock()
+        if activity is not None:
+            activity.at = now
         with lock:
-            out, closed, error = cut_frames(splice, sender, data, observe_shared, clock())
+            out, closed, error = cut_frames(splice, sender, data, observe_shared, now)
+            held = splice.buffered(sender)
+        if holding is not None:
+            holding.update(held)
         if out:
             sink.send(out)
         if error is not None:
@@ -126,7 +173,11 @@ def forward_blocking(
 
 
 async def _relay_in_threads(
-    splice: Splice, ends: dict[Role, AnyEndpoint], session: Session
+    splice: Splice,
+    ends: dict[Role, AnyEndpoint],
+    session: Session,
+    holdings: dict[Role, Holding | None],
+    activity: Activity,
 ) -> str | None:
     """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
     outcomes: list[str] = []
@@ -136,9 +187,20 @@ async def _relay_in_threads(
     def pump(sender: Role) -> None:
         source, sink = ends[sender], ends[sender.peer]
         try:
-            outcome = forward_blocking(splice, sender, source, sink, session, lock=splice_lock)
+            outcome = forward_blocking(
+                splice,
+                sender,
+                source,
+                sink,
+                session,
+                lock=splice_lock,
+                holding=holdings[sender],
+                activity=activity,
+            )
         except ProtocolError as exc:
             outcome = f"protocol error from {sender.value}: {exc}"
+        except OverBudget as exc:
+            outcome = _over_budget(sender, exc)
         except LinkBroken as exc:
             outcome = f"connection lost: {exc}"
         with guard:
@@ -194,40 +256,102 @@ async def relay(
     session: Session,
     *,
     threads: bool = True,
+    budget: BufferBudget | None = None,
+    idle: IdleTimeouts | None = None,
 ) -> str:
-    """Run both pumps until either side ends; close both; return the outcome."""
+    """Run both pumps until either side ends (or the session is idle past `idle`);
+    close both; return the outcome. Partial frames count against `budget`."""
     outcome = "cancelled (gateway stopping)"
+    holdings = {r: budget.holding() if budget is not None else None for r in Role}
     client_end, server_end = (endpoint(client), endpoint(server)) if threads else (None, None)
-    if client_end is not None and server_end is not None:
-        session.data_plane = "threads"
-        ends = {Role.CLIENT: client_end, Role.SERVER: server_end}
-        try:
-            outcome = await _relay_in_threads(splice, ends, session) or outcome
-        finally:
-            session.outcome = outcome
-            await close_all(client, server)
-        return outcome
-    session.data_plane = "trio"
-    client, server = direct_io(client), direct_io(server)
+    threaded = client_end is not None and server_end is not None
+    # The threads' clock, or Trio's (virtual in tests) for Trio's pumps.
+    clock = time.perf_counter if threaded else trio.current_time
+    activity = Activity(clock())
+    try:
+        async with trio.open_nursery() as nursery:
+            if idle is not None and (idle.op is not None or idle.attached is not None):
+
+                async def watch_idle() -> None:
+                    nonlocal outcome
+                    outcome = await _idle_watch(splice, activity, idle, clock)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_idle)
+            if client_end is not None and server_end is not None:
+                session.data_plane = "threads"
+                ends = {Role.CLIENT: client_end, Role.SERVER: server_end}
+                ended = await _relay_in_threads(splice, ends, session, holdings, activity)
+                outcome = ended or outcome
+            else:
+                session.data_plane = "trio"
+                client, server = direct_io(client), direct_io(server)
+                outcome = (
+                    await _relay_in_trio(
+                        splice, client, server, session, holdings=holdings, activity=activity
+                    )
+                    or outcome
+                )
+            nursery.cancel_scope.cancel()
+    finally:
+        for holding in holdings.values():
+            if holding is not None:
+                holding.release()
+        session.outcome = outcome
+        await close_all(client, server)
+    return outcome
+
+
+async def _relay_in_trio(
+    splice: Splice,
+    client: trio.abc.Stream,
+    server: trio.abc.Stream,
+    session: Session,
+    *,
+    holdings: dict[Role, Holding | None],
+    activity: Activity,
+) -> str | None:
+    """Both pumps as Trio tasks; the first to end decides the outcome."""
+    outcome: str | None = None
 
     async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         nonlocal outcome
         try:
-            outcome = await forward(splice, sender, source, sink, session)
+            outcome = await forward(
+                splice, sender, source, sink, session, holding=holdings[sender], activity=activity
+            )
         except ProtocolError as exc:
             outcome = f"protocol error from {sender.value}: {exc}"
+        except OverBudget as exc:
+            outcome = _over_budget(sender, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = f"connection lost: {_cause(exc)}"
         nursery.cancel_scope.cancel()
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, Role.CLIENT, client, server)
-            nursery.start_soon(pump, Role.SERVER, server, client)
-    finally:
-        session.outcome = outcome
-        await close_all(client, server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, Role.CLIENT, client, server)
+        nursery.start_soon(pump, Role.SERVER, server, client)
     return outcome
+
+
+async def _idle_watch(
+    splice: Splice, activity: Activity, idle: IdleTimeouts, clock: Callable[[], float]
+) -> str:
+    """Returns once no byte came from either side for the phase's idle timeout."""
+    while True:
+        attached = splice.phase is Phase.URB
+        timeout = idle.attached if attached else idle.op
+        if timeout is None:
+            if attached or idle.attached is None:
+                await trio.sleep_forever()
+            # Op phase without its own timeout: look again once it may have changed.
+            await trio.sleep(idle.attached or 0.0)
+            continue
+        remaining = activity.at + timeout - clock()
+        if remaining <= 0:
+            phase = "attached" if attached else "in the op phase"
+            return f"idle: no traffic for {timeout:g}s {phase}"
+        await trio.sleep(remaining)
 
 
 def _cause(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ import trio
 
 from gateway.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.audit import AuditLog
+from gateway.buffer_budget import BufferBudget
 from gateway.config import ServerConfig
 from gateway.facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
 from gateway.observability.http import start_http
@@ -38,9 +39,9 @@ from gateway.protocol import (
     Role,
     Splice,
 )
-from gateway.relay import close_all, log_session_end, receive_frame, relay
+from gateway.relay import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.reloading import watch, watch_tls
-from gateway.serving import Acceptor
+from gateway.serving import Acceptor, Slot
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.names import local_name, peer_name
@@ -111,8 +112,15 @@ class ServerGateway:
         self.sessions: dict[int, Session] = {}
         self.attached: dict[int, Attached] = {}
         self.metrics = GatewayMetrics.for_server(config)
+        self.buffers = BufferBudget(config.resources.max_buffered_bytes)
+        self.metrics.track_buffers(self.buffers)
         self.acceptor = Acceptor(
-            "server gateway", self.handle, config.max_connections, self.metrics.connection_refused
+            "server gateway",
+            self.handle,
+            config.max_connections,
+            self.metrics.connection_refused,
+            max_handshakes=config.resources.max_handshakes,
+            max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
         if config.policy.file is None:
             log.warning(
@@ -185,7 +193,7 @@ class ServerGateway:
 
     # -- one connection
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, slot: Slot) -> None:
         address = peer_name(stream)
         tls_stream = trio.SSLStream(stream, self.tls.current, server_side=True)
         try:
@@ -196,6 +204,9 @@ class ServerGateway:
             await trio.aclose_forcefully(tls_stream)
             return
         self.metrics.handshake_succeeded()
+        if not slot.promote():  # every session place taken meanwhile (counted, logged)
+            await trio.aclose_forcefully(tls_stream)
+            return
         identity = peer_identity(tls_stream)
         session = Session("server", str(identity), address, time.time())
         session.transport = transport_name(stream)
@@ -431,6 +442,9 @@ class ServerGateway:
                     upstream,
                     session,
                     threads=self.config.transport.data_plane == "threads",
+                    budget=self.buffers,
+                    # The op phase is behind us (bounded by request_timeout).
+                    idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
                 )
             finally:
                 del self.attached[session.id]

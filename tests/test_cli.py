@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,10 @@ START_TIMEOUT = 30.0
 class Process:
     """A `python -m gateway ...` child whose stderr we read until it says it listens."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, preexec_fn: Callable[[], object] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - only sets a resource limit
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -124,3 +124,28 @@ def test_shipped_example_configs_load(role: str, files: Path) -> None:
     config = load(role, example, tls)  # type: ignore[arg-type]
     assert config.limits.max_transfer_length == 16 * 1024 * 1024
     assert config.log.format == "text"
+
+
+def test_resource_limits_and_idle_timeouts(files: Path) -> None:
+    server = load("server", _write(files / "s.toml", TLS), {})
+    assert isinstance(server, ServerConfig)
+    assert server.resources.max_handshakes == 128
+    assert server.resources.max_handshakes_per_source == 16
+    assert server.resources.max_buffered_bytes == 256 * 1024 * 1024
+    assert server.attached_idle_timeout is None  # off: a device may be idle for hours
+    text = (
+        TLS
+        + '[client]\nserver = "gw:1"\nop_idle_timeout = 5\nattached_idle_timeout = 600\n'
+        + "[limits]\nmax_handshakes = 7\nmax_handshakes_per_source = 2\n"
+        + "max_buffered_bytes = 33554432\n"
+    )
+    client = load("client", _write(files / "c.toml", text), {})
+    assert isinstance(client, ClientConfig)
+    assert (client.op_idle_timeout, client.attached_idle_timeout) == (5.0, 600.0)
+    assert client.resources.max_handshakes == 7
+    assert client.resources.max_handshakes_per_source == 2
+    assert client.resources.max_buffered_bytes == 32 * 1024 * 1024
+    with pytest.raises(ConfigError, match=r"^limits\.max_buffered_bytes: .* outside"):
+        load("server", _write(files / "b.toml", TLS + "[limits]\nmax_buffered_bytes = 10\n"), {})
+    with pytest.raises(ConfigError, match=r"^server\.op_idle_timeout: unknown key"):
+        load("server", _write(files / "o.toml", TLS + "[server]\nop_idle_timeout = 5\n"), {})

@@ -84,11 +84,14 @@ async def test_a_slow_reader_holds_back_the_device_instead_of_filling_memory(
 
 async def test_hundreds_of_connections_against_the_limit(pki: PKI, nursery: trio.Nursery) -> None:
     stack = await _stack(pki, nursery)
-    stack.server.acceptor.max_connections = 64
+    # Silent connections wait in the handshake pool, whatever max_connections is.
+    stack.server.acceptor.max_handshakes = 64
+    stack.server.acceptor.max_handshakes_per_source = 64
     address = stack.server_address
     flood = [await trio.open_tcp_stream(address.host, address.port) for _ in range(500)]
     await trio.testing.wait_all_tasks_blocked(cushion=0.1)
     assert stack.server.acceptor.active == 64
+    assert stack.server.acceptor.handshaking == 64
     assert stack.server.acceptor.refused == 500 - 64
     for stream in flood:
         await stream.aclose()

@@ -10,7 +10,7 @@ import trio
 
 from gateway.demo import Stack, start_stack
 from gateway.protocol import Direction
-from gateway.serving import Acceptor
+from gateway.serving import Acceptor, Slot
 from gateway.transport.sockets import open_tcp_listeners
 from gateway.usbip_client import import_device, list_devices
 
@@ -21,13 +21,13 @@ async def _stack(pki: PKI, nursery: trio.Nursery) -> Stack:
     return await start_stack(nursery, pki.server_tls(), pki.client_tls())
 
 
-async def test_the_connection_limit_refuses_at_once_and_others_keep_working(
+async def test_the_handshake_limit_refuses_at_once_and_others_keep_working(
     pki: PKI, nursery: trio.Nursery
 ) -> None:
     stack = await _stack(pki, nursery)
-    stack.server.acceptor.max_connections = 2
+    stack.server.acceptor.max_handshakes = 2
     address = stack.server_address
-    # Two connections that never finish their TLS handshake hold both places.
+    # Two connections that never finish their TLS handshake hold both handshake places.
     holders = [await trio.open_tcp_stream(address.host, address.port) for _ in range(2)]
     await trio.testing.wait_all_tasks_blocked()
     assert stack.server.acceptor.active == 2
@@ -100,7 +100,8 @@ async def test_a_handler_bug_ends_only_its_own_connection(
 ) -> None:
     served: list[bytes] = []
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.SocketStream, slot: Slot) -> None:
+        assert slot.promote()
         data = await stream.receive_some(10)
         if data == b"boom":
             raise RuntimeError("a bug")

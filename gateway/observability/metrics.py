@@ -31,8 +31,10 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
+from gateway.buffer_budget import BufferBudget
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus
+from gateway.serving import REFUSAL_LIMITS, RefusalLimit
 from gateway.session import Session
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
@@ -60,6 +62,8 @@ OUTCOME_CLASSES: tuple[tuple[str, str], ...] = (
     ("server gateway", "upstream_unreachable"),
     ("TLS to", "tls_failed"),
     ("no request within", "timeout"),
+    ("idle", "timeout"),
+    ("over memory budget", "resource_limit"),
     ("usbipd did not answer", "timeout"),
     ("connection lost", "connection_lost"),
     ("usbipd closed", "connection_lost"),
@@ -208,9 +212,19 @@ class GatewayMetrics:
             ["role"],
             registry=registry,
         ).labels(role)
-        self._refused = Counter(
+        refused = Counter(
             f"{p}connections_refused",
-            "Connections closed at once because max_connections were already open.",
+            "Connections closed unserved, by the limit reached: connections "
+            "(max_connections sessions open), handshakes (max_handshakes in progress), "
+            "handshakes_per_source (max_handshakes_per_source from one address).",
+            ["role", "limit"],
+            registry=registry,
+        )
+        self._refused = {limit: refused.labels(role, limit) for limit in REFUSAL_LIMITS}
+        self._buffered = Gauge(
+            f"{p}buffered_bytes",
+            "Bytes of partial frames held by all sessions together (limit: "
+            "limits.max_buffered_bytes).",
             ["role"],
             registry=registry,
         ).labels(role)
@@ -301,9 +315,13 @@ class GatewayMetrics:
         self._handshakes.inc()
         self._handshake_failures.get(reason, self._handshake_failures["other"]).inc()
 
-    def connection_refused(self) -> None:
-        """A connection was closed unserved: the gateway had max_connections open."""
-        self._refused.inc()
+    def connection_refused(self, limit: RefusalLimit = "connections") -> None:
+        """A connection was closed unserved: `limit` was reached."""
+        self._refused[limit].inc()
+
+    def track_buffers(self, budget: BufferBudget) -> None:
+        """Report `budget`'s total as the buffered_bytes gauge, read when scraped."""
+        self._buffered.set_function(lambda: budget.total)
 
     def http_connection_closed(self, reason: HttpCloseReason) -> None:
         self._http_closed[reason].inc()

@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import tomllib
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from gateway.config import parse_address
+from gateway.config import ResourceLimits, ServerConfig, parse_address
+from gateway.fd_limit import needed_fds
 
 from .helpers import DEPLOY, SYSTEMD, need_tool, shutdown_timeout
 
@@ -183,3 +185,16 @@ def test_sysusers_group_matches_the_units(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Creating group 'usbip-gateway'" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_the_fd_limit_fits_the_default_connection_limits(name: str) -> None:
+    """The gateway cannot raise it itself (SystemCallFilter=~@resources forbids
+    setrlimit), so the unit must give what the default limits need."""
+    unit = read_unit(name)
+    assert "~@privileged @resources" in unit["Service"]["SystemCallFilter"]
+    limit = int(one(unit, "Service", "LimitNOFILE"))
+    defaults = ResourceLimits()
+    (max_connections,) = (f.default for f in fields(ServerConfig) if f.name == "max_connections")
+    assert isinstance(max_connections, int)
+    assert limit >= needed_fds(max_connections, defaults.max_handshakes)

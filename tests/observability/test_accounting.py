@@ -353,7 +353,12 @@ def test_handshake_and_policy_counters(metrics: GatewayMetrics) -> None:
     with pytest.raises(ValueError, match="policy target"):
         metrics.record_policy_decision("everything", allowed=True)  # type: ignore[arg-type]
     metrics.connection_refused()
-    assert sample(metrics, "usbip_gateway_connections_refused_total", role="server") == 1
+    assert (
+        sample(
+            metrics, "usbip_gateway_connections_refused_total", role="server", limit="connections"
+        )
+        == 1
+    )
     metrics.compressed("compress", 1000, 300)
     assert (
         sample(
