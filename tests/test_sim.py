@@ -37,6 +37,7 @@ from gateway.sim import (
     Loopback,
     SimServer,
     SourceSink,
+    Urb,
     add_sim_parser,
     make_devices,
     serve_sim,
@@ -142,6 +143,15 @@ class Client:
     async def get_descriptor(self, kind: int, index: int, length: int, lang: int = 0) -> RetSubmit:
         return await self.control(0x80, 0x06, kind << 8 | index, lang, length)
 
+    async def enumerate(self) -> None:
+        """What usbcore does first (GET_DESCRIPTOR(configuration), SET_CONFIGURATION):
+        the codec frames URBs to other endpoints only once it has seen the layout."""
+        header = await self.get_descriptor(2, 0, 9)
+        assert header.status == 0
+        whole = await self.get_descriptor(2, 0, int.from_bytes(header.data[2:4], "little"))
+        assert whole.status == 0
+        assert (await self.control(0x00, 0x09, whole.data[5])).status == 0
+
     async def unlink(self, target: int) -> RetUnlink:
         seqnum = self.next_seqnum()
         await self.send(CmdUnlink(seqnum, target, self.devid))
@@ -163,10 +173,12 @@ class Sim:
         self.nursery.start_soon(self.server.handle_stream, server_end)
         return Client(client_end)
 
-    async def imported(self, busid: str) -> Client:
+    async def imported(self, busid: str, *, enumerate: bool = True) -> Client:
         client = self.connect()
         reply = await client.import_(busid)
         assert reply.status == OpStatus.OK
+        if enumerate:
+            await client.enumerate()
         return client
 
 
@@ -244,7 +256,7 @@ async def test_garbage_closes_only_that_connection(sim: Sim, server: SimServer) 
 
 
 async def test_enumeration_like_linux(sim: Sim) -> None:
-    client = await sim.imported("1-1")
+    client = await sim.imported("1-1", enumerate=False)
     head = await client.get_descriptor(1, 0, 8)
     assert head.status == 0
     assert head.data[:2] == b"\x12\x01"
@@ -265,8 +277,8 @@ async def test_enumeration_like_linux(sim: Sim) -> None:
     assert len(config) == total
     parsed = parse_configuration(config)
     assert parsed is not None
-    value, alts = parsed
-    assert value == 1
+    assert parsed.value == 1
+    alts = parsed.alts
     assert [(a.interface, a.alternate) for a in alts] == [(0, 0), (0, 1)]
     assert {e.address for e in alts[0].endpoints} == {0x81, 0x01}
     assert all(e.max_packet_size == 512 for e in alts[0].endpoints)
@@ -301,7 +313,7 @@ async def test_speed_dependent_descriptors(sim: Sim) -> None:
     assert other[1] == 7
     parsed = parse_configuration(bytes((other[0], 2)) + other[2:])
     assert parsed is not None
-    assert {e.max_packet_size for e in parsed[1][0].endpoints} == {64}
+    assert {e.max_packet_size for e in parsed.alts[0].endpoints} == {64}
     assert (await hs.get_descriptor(0x0F, 0, 5)).status == -EPIPE  # BOS
     assert (await hs.get_descriptor(4, 0, 9)).status == -EPIPE  # interface on its own
     assert (await hs.get_descriptor(5, 0, 7)).status == -EPIPE  # endpoint on its own
@@ -345,6 +357,12 @@ async def test_interface_alternates(sim: Sim) -> None:
 # ------------------------------------------------------------------ source / sink
 
 
+def absent_endpoint(client: Client, ep: int, direction: Direction, packets: int = 0) -> bool:
+    """Whether the client's codec would refuse a URB to `ep` as absent from the device."""
+    reason, _ = client.conn.state.framing_error(ep, direction, packets, 0, 512)
+    return reason is not None and "does not exist" in reason
+
+
 def mod63(length: int, packet: int = 512) -> bytes:
     return bytes((i % packet) % 63 for i in range(length))
 
@@ -376,7 +394,7 @@ async def test_sink_checks_the_pattern(sim: Sim) -> None:
     assert (await client.transfer(1, Direction.OUT, data=mod63(512))).status == 0
 
 
-async def test_halt_and_clear_halt(sim: Sim) -> None:
+async def test_halt_and_clear_halt(sim: Sim, server: SimServer) -> None:
     client = await sim.imported("1-1")
     assert (await client.control(0x82, 0x00, 0, 0x81, 2)).data == b"\x00\x00"
     assert (await client.control(0x02, 0x03, 0, 0x81)).status == 0  # SET_FEATURE(HALT)
@@ -391,7 +409,11 @@ async def test_halt_and_clear_halt(sim: Sim) -> None:
     assert (await client.control(0x82, 0x00, 0, 0x00, 2)).data == b"\x00\x00"
     assert (await client.control(0x02, 0x01, 0, 0x00)).status == 0
     assert (await client.control(0x82, 0x00, 0, 0x85, 2)).status == -EPIPE
-    assert (await client.transfer(5, Direction.IN, 512)).status == -EPIPE
+    # A URB to an endpoint the device lacks never crosses the wire (the codec frames by
+    # the device's endpoints, as usbip-host does); the device itself stalls it.
+    assert absent_endpoint(client, 5, Direction.IN)
+    stalled = await server.devices["1-1"].submit(Urb(1, 5, Direction.IN, 512))
+    assert stalled.status == -EPIPE
 
 
 async def test_vendor_control_write_then_read(sim: Sim) -> None:
@@ -406,12 +428,16 @@ async def test_vendor_control_write_then_read(sim: Sim) -> None:
     assert (await client.control(0xC0, 0x5C, length=4097)).status == -EPIPE  # too long
 
 
-async def test_isochronous_alternate(sim: Sim) -> None:
+async def test_isochronous_alternate(sim: Sim, server: SimServer) -> None:
     client = await sim.imported("1-1")
-    # Isochronous endpoints exist only in alternate 1.
+    # Isochronous endpoints exist only in alternate 1: in alternate 0 the codec refuses
+    # a URB for them (as usbip-host would find no endpoint), and the device stalls one.
     iso = (IsoPacket(0, 1024), IsoPacket(1024, 1024), IsoPacket(2048, 500))
-    assert (await client.transfer(2, Direction.IN, 2548, iso=iso)).status == -EPIPE
+    assert absent_endpoint(client, 2, Direction.IN, len(iso))
+    early = Urb(1, 2, Direction.IN, 2548, number_of_packets=len(iso), iso_packets=iso)
+    assert (await server.devices["1-1"].submit(early)).status == -EPIPE
     assert (await client.control(0x01, 0x0B, 1, 0)).status == 0
+    assert client.conn.state.framing_error(2, Direction.IN, len(iso), 0, 3072) == (None, True)
 
     ret = await client.transfer(2, Direction.IN, 3072, iso=iso)
     assert ret.status == 0
@@ -558,7 +584,7 @@ async def test_keyboard_descriptors_and_class_requests(sim: Sim) -> None:
     config = (await client.get_descriptor(2, 0, 255)).data
     parsed = parse_configuration(config)
     assert parsed is not None
-    (alt,) = parsed[1]
+    (alt,) = parsed.alts
     assert (alt.interface_class, alt.interface_subclass, alt.interface_protocol) == (3, 1, 1)
     (ep,) = alt.endpoints
     assert (ep.address, ep.attributes, ep.max_packet_size) == (0x81, 3, 8)
@@ -640,10 +666,22 @@ def test_cli_parser() -> None:
 def test_codec_rejects_a_ret_submit_after_unlink() -> None:
     # Guards the unlink test above: it relies on the client codec refusing a late reply.
     client = Connection(Role.CLIENT)
+    loopback = Loopback()
     client.send(OpRequestImport("1-2"))
-    client.receive_data(OpReplyImport(0, Loopback().info()).encode())
+    client.receive_data(OpReplyImport(0, loopback.info()).encode())
     client.next_event()
-    devid = Loopback().info().devid
+    devid = loopback.info().devid
+    # Enumerate first: the codec frames URBs to endpoint 1 once it knows the layout.
+    config = loopback.configuration_descriptor(0)
+    assert config is not None
+    get_config = Setup(0x80, 0x06, 0x0200, 0, len(config)).encode()
+    client.send(CmdSubmit(1, devid, Direction.IN, 0, len(config), setup=get_config))
+    client.receive_data(RetSubmit(1, 0, len(config), data=config).encode())
+    assert isinstance(client.next_event(), RetSubmit)
+    set_config = Setup(0x00, 0x09, config[5], 0, 0).encode()
+    client.send(CmdSubmit(2, devid, Direction.OUT, 0, 0, setup=set_config))
+    client.receive_data(RetSubmit(2, 0, 0).encode())
+    assert isinstance(client.next_event(), RetSubmit)
     client.send(CmdSubmit(5, devid, Direction.IN, 1, 8))
     client.send(CmdUnlink(6, 5, devid))
     client.receive_data(RetUnlink(6, -ECONNRESET).encode())

@@ -36,16 +36,25 @@ from gateway.protocol import (
     RetSubmit,
     RetUnlink,
     Role,
+    Setup,
     Speed,
 )
 from gateway.protocol.constants import OP_HEADER, URB_HEADER_SIZE
+from gateway.protocol.descriptors import DESC_CONFIGURATION, GET_DESCRIPTOR, SET_CONFIGURATION
 from gateway.server import ServerGateway
 from gateway.sim.catalog import make_devices
 from gateway.sim.server import SimServer, serve_sim
 from gateway.usbip_client import ImportedDevice, import_device, list_devices
 
 from ..pki import PKI, client_config, server_config
-from .usbipd import FakeUsbipd, Tracker, drain_until_closed, read_exactly, reset
+from .usbipd import (
+    FakeUsbipd,
+    Tracker,
+    answer_enumeration,
+    drain_until_closed,
+    read_exactly,
+    reset,
+)
 
 HOSTILE_BUSID = "6-6"
 HOSTILE = DeviceInfo(
@@ -63,6 +72,13 @@ HOSTILE = DeviceInfo(
     configuration_value=1,
     num_configurations=1,
     num_interfaces=1,
+)
+# Its only configuration: one interface with a bulk endpoint 1 in each direction.
+HOSTILE_CONFIG = (
+    bytes([9, 2, 32, 0, 1, HOSTILE.configuration_value, 0, 0x80, 50])
+    + bytes([9, 4, 0, 0, 2, 0xFF, 0, 0, 0])
+    + bytes([7, 5, 0x81, 0x02, 0x00, 0x02, 0])
+    + bytes([7, 5, 0x01, 0x02, 0x00, 0x02, 0])
 )
 IN_LENGTH = 4096
 REQUEST_TIMEOUT = 0.5  # seconds the server gateway waits for usbipd's op reply
@@ -84,7 +100,6 @@ class Pair:
     usbipd: FakeUsbipd
     server: ServerGateway
     client: ClientGateway
-    client_sessions: Tracker
     client_address: Address
 
     async def connect(self) -> trio.SocketStream:
@@ -93,7 +108,7 @@ class Pair:
     async def quiet(self) -> None:
         """Until every session has ended on every hop."""
         with trio.fail_after(SCENARIO_BOUND):
-            await self.client_sessions.idle()
+            await self.client.acceptor.wait_idle()
             await self.server.wait_idle()
             await self.usbipd.tracker.idle()
             await self.sim_sessions.idle()
@@ -112,19 +127,19 @@ async def pair(pki: PKI, nursery: trio.Nursery) -> Pair:
     listeners = await nursery.start(server.serve)
     server_address = Address(*listeners[0].socket.getsockname()[:2])
     client = ClientGateway(client_config(pki, server_address))
-    tracker = Tracker()
-    client.handle = tracker.wrap(client.handle)  # type: ignore[method-assign,assignment]
     listeners = await nursery.start(client.serve)
     client_address = Address(*listeners[0].socket.getsockname()[:2])
-    return Pair(sim, sim_sessions, usbipd, server, client, tracker, client_address)
+    return Pair(sim, sim_sessions, usbipd, server, client, client_address)
 
 
 # ------------------------------------------------------------------ scripts
 
 
 async def _imported(stream: trio.SocketStream) -> bytes:
-    """Accept the import, then return the client's first CMD_SUBMIT (header only: IN)."""
+    """Accept the import and answer the enumeration, then return the client's first
+    CMD_SUBMIT after it (header only: IN)."""
     await stream.send_all(OpReplyImport(OpStatus.OK, HOSTILE).encode())
+    await answer_enumeration(stream, HOSTILE_CONFIG)
     return await read_exactly(stream, URB_HEADER_SIZE)
 
 
@@ -226,11 +241,33 @@ async def import_hostile(pair: Pair) -> bytes:
         if not isinstance(reply, OpReplyImport) or reply.device is None:
             assert isinstance(reply, ConnectionClosed), f"unexpected {reply!r}"
             return b""
+        await enumerate_hostile(stream, conn)
         await stream.send_all(conn.send(CmdSubmit(41, HOSTILE.devid, Direction.IN, 1, IN_LENGTH)))
         received = b""
         while chunk := await stream.receive_some(65536):
             received += chunk
         return received
+
+
+async def enumerate_hostile(stream: trio.SocketStream, conn: Connection) -> None:
+    """GET_DESCRIPTOR(configuration), header then whole, and SET_CONFIGURATION, as
+    usbcore does first: the codec and the gateways then know endpoint 1."""
+
+    async def control(seqnum: int, setup: Setup) -> RetSubmit:
+        direction = Direction.IN if setup.is_in else Direction.OUT
+        cmd = CmdSubmit(seqnum, HOSTILE.devid, direction, 0, setup.length, setup=setup.encode())
+        await stream.send_all(conn.send(cmd))
+        while isinstance(reply := conn.next_event(), NeedData):
+            conn.receive_data(await stream.receive_some(65536))
+        assert isinstance(reply, RetSubmit), f"unexpected {reply!r}"
+        assert (reply.seqnum, reply.status) == (seqnum, 0)
+        return reply
+
+    header = await control(1, Setup(0x80, GET_DESCRIPTOR, DESC_CONFIGURATION << 8, 0, 9))
+    total = int.from_bytes(header.data[2:4], "little")
+    whole = await control(2, Setup(0x80, GET_DESCRIPTOR, DESC_CONFIGURATION << 8, 0, total))
+    assert whole.data == HOSTILE_CONFIG
+    await control(3, Setup(0x00, SET_CONFIGURATION, whole.data[5], 0, 0))
 
 
 async def devlist_hostile(pair: Pair) -> bytes:

@@ -14,8 +14,9 @@ from typing import Any
 import trio
 
 from gateway.config import Address
-from gateway.protocol import OpCode
-from gateway.protocol.constants import OP_HEADER
+from gateway.protocol import OpCode, RetSubmit, Setup
+from gateway.protocol.constants import OP_HEADER, URB_HEADER_SIZE, Direction, UrbCommand
+from gateway.protocol.descriptors import DESC_CONFIGURATION, GET_DESCRIPTOR, SET_CONFIGURATION
 
 Script = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -68,6 +69,37 @@ def requested_busid(request: bytes) -> str | None:
     if len(request) < 40:
         return None
     return request[8:40].split(b"\0", 1)[0].decode()
+
+
+async def answer_enumeration(stream: trio.abc.Stream, config: bytes) -> None:
+    """Answer what usbcore asks first, as a device would: GET_DESCRIPTOR(configuration)
+    with `config` (cut to wLength), then SET_CONFIGURATION with status 0, so that the
+    gateways learn the device's endpoints. Returns once SET_CONFIGURATION is answered;
+    anything else fails the test (the hostile scripts misbehave only after this)."""
+    while True:
+        cmd = await read_exactly(stream, URB_HEADER_SIZE)
+        command, seqnum, _, direction, ep = struct.unpack(">IIIII", cmd[:20])
+        setup = Setup.decode(cmd[40:48])
+        if command != UrbCommand.CMD_SUBMIT or ep != 0:
+            raise AssertionError(f"not an enumeration request: {cmd.hex()}")
+        if (
+            direction == Direction.IN
+            and setup.request == GET_DESCRIPTOR
+            and setup.value == DESC_CONFIGURATION << 8
+        ):
+            data = config[: setup.length]
+            await stream.send_all(RetSubmit(seqnum, 0, len(data), data=data).encode())
+        elif (
+            direction == Direction.OUT
+            and setup.request_type == 0x00
+            and setup.request == SET_CONFIGURATION
+            and setup.value == config[5]
+            and setup.length == 0
+        ):
+            await stream.send_all(RetSubmit(seqnum, 0, 0).encode())
+            return
+        else:
+            raise AssertionError(f"unexpected request during enumeration: {setup}")
 
 
 async def drain_until_closed(stream: trio.abc.ReceiveStream) -> None:
