@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway.certificates import Issued, issue_client_cert, write_issued
 from gateway.config import TransportSettings
 from gateway.demo import Stack, start_stack
-from gateway.protocol import CmdSubmit, Direction, OpRequestImport
+from gateway.protocol import CmdSubmit, Direction
 from gateway.transport.tls import client_context
 from gateway.usbip_client import import_device, list_devices
 
@@ -52,16 +52,11 @@ async def test_a_slow_reader_holds_back_the_device_instead_of_filling_memory(
     sock = socket.create_connection((client.host, client.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    await stream.send_all(OpRequestImport("1-1").encode())
-    reply = b""
-    while len(reply) < 320:
-        reply += await stream.receive_some(320 - len(reply))
-    devid = int.from_bytes(reply[8 + 288 : 8 + 292], "big") << 16 | int.from_bytes(
-        reply[8 + 292 : 8 + 296], "big"
-    )
+    # Imported and enumerated (the gateways learn the endpoints); then raw bytes only.
+    devid = (await import_device(stream, "1-1")).device.devid
     size, count = 1024 * 1024, 64
     cmds = b"".join(
-        CmdSubmit(seqnum=i + 1, devid=devid, direction=Direction.IN, ep=1,
+        CmdSubmit(seqnum=i + 100, devid=devid, direction=Direction.IN, ep=1,
                   transfer_buffer_length=size).encode()
         for i in range(count)
     )  # fmt: skip

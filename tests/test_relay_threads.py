@@ -39,9 +39,10 @@ from gateway.session import Session
 from gateway.transport.blocking import endpoint
 from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
 
-from .protocol.helpers import device
+from .protocol.helpers import device, enumeration_steps
 
 INFO = device()
+ENUMERATION_URBS = 2  # GET_DESCRIPTOR(configuration), SET_CONFIGURATION
 
 
 @dataclass
@@ -136,6 +137,14 @@ async def import_device(r: Relayed) -> None:
     assert await r.server.receive() == OpRequestImport(INFO.busid)
     await r.server.send(OpReplyImport(OpStatus.OK, INFO))
     assert await r.client.receive() == OpReplyImport(OpStatus.OK, INFO)
+    for sender, event in enumeration_steps(INFO.devid):  # the relay learns the endpoints
+        source, sink = (r.client, r.server) if sender is Role.CLIENT else (r.server, r.client)
+        await source.send(event)
+        assert await sink.receive() == event
+
+
+def enumeration_bytes(sender: Role) -> int:
+    return sum(len(e.encode()) for s, e in enumeration_steps(INFO.devid) if s is sender)
 
 
 def out_urb(seqnum: int, data: bytes) -> CmdSubmit:
@@ -163,8 +172,8 @@ async def test_urbs_cross_the_threads_and_the_client_closing_ends_the_session(
     assert r.outcome == ["closed by client"]
     assert r.session.data_plane == "threads"
     assert r.session.outcome == "closed by client"
-    assert r.session.urbs_completed == 8
-    assert r.session.bytes_from_client == 40 + 8 * (48 + len(big))  # IMPORT, CMD_SUBMITs
+    assert r.session.urbs_completed == ENUMERATION_URBS + 8
+    assert r.session.bytes_from_client == 40 + enumeration_bytes(Role.CLIENT) + 8 * (48 + len(big))
 
 
 async def test_zstd_over_tls_crosses_the_threads_too() -> None:
@@ -187,9 +196,10 @@ async def test_zstd_over_tls_crosses_the_threads_too() -> None:
     assert r.session.data_plane == "threads"
     assert r.outcome == ["closed by client"]
     wire, plain = counted["decompress"]
-    assert plain == 40 + 48 + 200_000  # the IMPORT request and the CMD_SUBMIT
+    # the IMPORT request, the enumeration and the CMD_SUBMIT; their replies
+    assert plain == 40 + enumeration_bytes(Role.CLIENT) + 48 + 200_000
     assert wire < plain / 10
-    assert counted["compress"][0] == 320 + 48  # the IMPORT reply and the RET_SUBMIT
+    assert counted["compress"][0] == 320 + enumeration_bytes(Role.SERVER) + 48
 
 
 async def test_a_burst_of_compressed_chunks_is_decoded_only_as_fast_as_it_is_forwarded() -> None:
@@ -262,7 +272,7 @@ async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:
         assert await r.client.receive() == good
         assert await r.client.receive() == ConnectionClosed()
     assert r.outcome[0].startswith("protocol error from server: RET_SUBMIT for seqnum 6")
-    assert r.session.urbs_completed == 1
+    assert r.session.urbs_completed == ENUMERATION_URBS + 1
 
 
 async def test_a_tls_peer_vanishing_without_close_notify_is_a_lost_connection() -> None:

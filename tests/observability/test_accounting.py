@@ -11,6 +11,7 @@ from gateway.protocol import (
     CmdUnlink,
     Direction,
     IsoPacket,
+    LocalProtocolError,
     OpRequestDevlist,
     OpRequestImport,
     RetUnlink,
@@ -166,13 +167,16 @@ def test_iso_urb_packet_errors(metrics: GatewayMetrics, wire: Wire) -> None:
     assert sample(metrics, "usbip_gateway_iso_packet_errors_total", **labels) == 5
 
 
-def test_transfer_type_unknown_until_descriptors_are_seen(metrics: GatewayMetrics) -> None:
+def test_urbs_for_endpoints_not_yet_learned_are_refused_not_counted(
+    metrics: GatewayMetrics,
+) -> None:
+    """Before the descriptors, only endpoint 0 passes: nothing reaches the counters."""
     wire = Wire(metrics)
     wire.import_device(learn_endpoints=False)
-    seq = wire.seqnum()
-    wire.submit(seq, 1, Direction.IN, 64, now=1.0)
-    wire.complete(seq, now=1.01, data=bytes(64))
-    assert urbs(metrics, "ok", role="server", transfer_type="unknown", direction="in") == 1
+    with pytest.raises(LocalProtocolError, match="not known for certain"):
+        wire.submit(wire.seqnum(), 1, Direction.IN, 64, now=1.0)
+    for transfer_type in ("unknown", "bulk"):
+        assert not urbs(metrics, "ok", role="server", transfer_type=transfer_type, direction="in")
 
 
 def test_in_flight_returns_to_zero_when_the_session_ends(
