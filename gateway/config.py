@@ -103,7 +103,9 @@ class PolicySettings:
     watch: bool = True  # reload when the file changes, as well as on SIGHUP
     watch_interval: float = 2.0
     revoke_on_reload: bool = True  # close attached sessions the new policy denies
-    sysfs: Path | None = Path("/sys/bus/usb/devices")  # serial/manufacturer/product
+    # Device strings (serial, manufacturer, product) and, where usbip-host's devices are
+    # visible, each device's endpoint layout (docs/wire-framing.md). None: not read.
+    sysfs: Path | None = Path("/sys/bus/usb/devices")
 
 
 @dataclass(frozen=True, slots=True)

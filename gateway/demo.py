@@ -21,7 +21,14 @@ import trio
 
 from gateway.certificates import PKIError, make_demo_pki
 from gateway.client import ClientGateway
-from gateway.config import Address, ClientConfig, ServerConfig, TLSSettings, TransportSettings
+from gateway.config import (
+    Address,
+    ClientConfig,
+    PolicySettings,
+    ServerConfig,
+    TLSSettings,
+    TransportSettings,
+)
 from gateway.logs import setup_logging
 from gateway.protocol import ECONNRESET, Direction
 from gateway.server import ServerGateway
@@ -71,6 +78,9 @@ async def start_stack(
             listen=(ANY_LOOPBACK_PORT,),
             upstream=sim_address,
             transport=transport,
+            # The simulator's devices are not in this host's sysfs (a real device with the
+            # same bus id may be): the gateway learns their endpoints in the session.
+            policy=PolicySettings(sysfs=None),
         ),
         strings=sim,
     )

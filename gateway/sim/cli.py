@@ -60,7 +60,7 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--sysfs",
         type=Path,
         metavar="DIR",
-        help="publish the devices' serial/manufacturer/product strings here in sysfs's "
+        help="publish the devices' strings and endpoint layout here in sysfs's "
         "layout (DIR/BUSID/serial ...), for a server gateway's policy.sysfs",
     )
     parser.set_defaults(func=run_sim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..protocol import (
@@ -154,6 +155,7 @@ class SimDevice:
         self.halted: set[int] = set()
         self.remote_wakeup = False
         self._endpoints: dict[int, EndpointDescriptor] = {}
+        self.sysfs_root: Path | None = None  # where `publish_layout` keeps its files
         self.reset()
 
     # ------------------------------------------------------------ identity
@@ -230,6 +232,38 @@ class SimDevice:
         self.alternates = {}
         self.halted.clear()
         self._rebuild_endpoints()
+        self.publish_layout()
+
+    def publish_layout(self, root: Path | None = None) -> None:
+        """Write what sysfs shows of a device bound to usbip-host, as the kernel keeps it
+        current: `descriptors`, `busnum`, `devnum`, `bConfigurationValue`, and each
+        interface's `bInterfaceNumber` and `bAlternateSetting` (ROOT/BUSID:C.I/). Once
+        given a root, every configuration or alt setting change rewrites it before the
+        request is answered, as usbip-host's own change is visible before its reply."""
+        if root is not None:
+            self.sysfs_root = root
+        if self.sysfs_root is None:
+            return
+        directory = self.sysfs_root / self.busid
+        directory.mkdir(parents=True, exist_ok=True)
+        configs = (self.configuration_descriptor(i) for i in range(len(self.configurations)))
+        raw = self._device_descriptor + b"".join(c for c in configs if c is not None)
+        (directory / "descriptors").write_bytes(raw)
+        (directory / "busnum").write_text(f"{self.busnum}\n")
+        (directory / "devnum").write_text(f"{self.devnum}\n")
+        (directory / "bConfigurationValue").write_text(
+            f"{self.configuration}\n" if self.configuration else "\n"
+        )
+        for stale in self.sysfs_root.glob(f"{self.busid}:*"):
+            for file in stale.iterdir():
+                file.unlink()
+            stale.rmdir()
+        config = self.active_configuration
+        for number in () if config is None else config.interface_numbers:
+            interface = self.sysfs_root / f"{self.busid}:{self.configuration}.{number}"
+            interface.mkdir()
+            (interface / "bInterfaceNumber").write_text(f"{number:02x}\n")
+            (interface / "bAlternateSetting").write_text(f"{self.alternates.get(number, 0):2d}\n")
 
     def _rebuild_endpoints(self) -> None:
         config = self.active_configuration
@@ -433,6 +467,7 @@ class SimDevice:
             return None
         self.alternates[number] = alternate
         self._rebuild_endpoints()
+        self.publish_layout()
         # A new alternate setting starts its endpoints un-halted (USB 2.0 9.4.10).
         self.halted = {a for a in self.halted if a in self._endpoints}
         for interface in config.interfaces:

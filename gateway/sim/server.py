@@ -91,9 +91,11 @@ class SimServer:
         return DeviceStrings(device.serial, device.manufacturer, device.product)
 
     def publish_sysfs(self, root: Path) -> None:
-        """Write the devices' strings in sysfs's layout, for a gateway's `policy.sysfs`."""
-        for busid in self.devices:
+        """Write the devices' strings and endpoint layout in sysfs's layout, for a server
+        gateway's `policy.sysfs` (kept current as configurations and alt settings change)."""
+        for busid, device in self.devices.items():
             publish_sysfs(root, busid, self.strings(busid))
+            device.publish_layout(root)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
