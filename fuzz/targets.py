@@ -7,8 +7,11 @@ Input format, shared by every target:
 
     byte 0          which prefix to start from (mod the target's prefix count): a
                     conversation fed through the codec's own public path first, so the
-                    fuzzed bytes land in the op phase or in the URB phase with URBs of
-                    every kind pending, with or without learned endpoint descriptors
+                    fuzzed bytes land in the op phase or in the URB phase, with only
+                    endpoint 0 known, or with URBs of every kind pending on the fuzz
+                    device's endpoints, their layout learned from the enumeration in the
+                    conversation or loaded as from sysfs (the codec frames a CMD_SUBMIT
+                    by the device's endpoints: docs/wire-framing.md)
     then records    tag u8, length u16 (big-endian), payload (cut short at the end)
       tag bit 0     Splice: 0 bytes from the client, 1 bytes from the server.
                     Connection: 0 bytes from the peer, 1 a local action (we send)
@@ -54,7 +57,9 @@ from gateway.protocol import (
     OpRequestDevlist,
     OpRequestImport,
     OpStatus,
+    PendingUrb,
     Phase,
+    ProtocolState,
     RemoteProtocolError,
     RetSubmit,
     RetUnlink,
@@ -63,10 +68,20 @@ from gateway.protocol import (
     Speed,
     Splice,
 )
-from gateway.protocol.constants import ISO_DESCRIPTOR, URB_HEADER_SIZE
+from gateway.protocol.constants import ISO_DESCRIPTOR, URB_HEADER_SIZE, TransferType
+from gateway.protocol.descriptors import (
+    DESC_CONFIGURATION,
+    GET_DESCRIPTOR,
+    Configuration,
+    parse_configuration,
+)
 from gateway.protocol.events import OpEvent, UrbEvent
 from gateway.protocol.records import DEVICE_RECORD_SIZE, INTERFACE_RECORD_SIZE
-from gateway.sim.gadget_zero import SourceSink
+from gateway.sim.descriptors import (
+    ConfigurationDescriptor,
+    EndpointDescriptor,
+    InterfaceDescriptor,
+)
 
 C, S = Role.CLIENT, Role.SERVER
 Message = OpEvent | UrbEvent  # what can be encoded and sent
@@ -81,6 +96,12 @@ DEVID = (BUSNUM << 16) | DEVNUM
 # Seqnums of the URBs a prefix leaves pending, for seeds to answer.
 BULK_IN, BULK_OUT, CONTROL_IN, ISO_IN, ISO_OUT, INTERRUPT_IN, UNLINKED = 1, 2, 3, 4, 5, 6, 7
 UNLINK_SEQNUM = 8
+# The fuzz device's endpoint numbers (fuzz_configuration) and its configuration value.
+BULK_EP, ISO_EP, INTERRUPT_EP = 1, 2, 3
+CONFIGURATION_VALUE = 1
+ISO_ALTERNATE = 1  # interface 0's alt setting with the isochronous endpoints
+# Seqnums of the enumeration URBs (enumeration_steps).
+ENUMERATION_SEQNUM = 100
 
 _RECORD = struct.Struct(">BH")
 
@@ -197,10 +218,39 @@ def setup(request_type: int, request: int, value: int, index: int, length: int) 
     return Setup(request_type, request, value, index, length).encode()
 
 
+def fuzz_configuration() -> ConfigurationDescriptor:
+    """The fuzz device: Gadget Zero source/sink's bulk 0x81/0x01 and, in alt setting 1,
+    isochronous 0x82/0x02, plus an interrupt IN 0x83 in both alt settings."""
+    bulk = (
+        EndpointDescriptor(0x80 | BULK_EP, TransferType.BULK, 512),
+        EndpointDescriptor(BULK_EP, TransferType.BULK, 512),
+    )
+    interrupt = (EndpointDescriptor(0x80 | INTERRUPT_EP, TransferType.INTERRUPT, 8, 4),)
+    iso = (
+        EndpointDescriptor(0x80 | ISO_EP, TransferType.ISOCHRONOUS, 1024, 4),
+        EndpointDescriptor(ISO_EP, TransferType.ISOCHRONOUS, 1024, 4),
+    )
+    return ConfigurationDescriptor(
+        CONFIGURATION_VALUE,
+        (
+            InterfaceDescriptor(0, 0, 0xFF, endpoints=bulk + interrupt),
+            InterfaceDescriptor(0, ISO_ALTERNATE, 0xFF, endpoints=bulk + interrupt + iso),
+        ),
+    )
+
+
 @cache
 def configuration_descriptor() -> bytes:
-    """Gadget Zero source/sink: bulk 0x81/0x01, and isochronous 0x82/0x02 in alt 1."""
-    return SourceSink().configurations[0].encode(True)
+    """What GET_DESCRIPTOR(configuration) returns for the fuzz device."""
+    return fuzz_configuration().encode(True)
+
+
+@cache
+def parsed_configuration() -> Configuration:
+    parsed = parse_configuration(configuration_descriptor())
+    assert parsed is not None
+    assert parsed.irregular is None
+    return parsed
 
 
 def iso_packets(count: int, size: int) -> tuple[IsoPacket, ...]:
@@ -211,8 +261,8 @@ def pending_submits() -> list[Message]:
     """A URB of every kind, left pending: what server-side seeds answer."""
     np_in = 3
     return [
-        CmdSubmit(BULK_IN, DEVID, Direction.IN, 1, 512),
-        CmdSubmit(BULK_OUT, DEVID, Direction.OUT, 1, 16, data=bytes(range(16))),
+        CmdSubmit(BULK_IN, DEVID, Direction.IN, BULK_EP, 512),
+        CmdSubmit(BULK_OUT, DEVID, Direction.OUT, BULK_EP, 16, data=bytes(range(16))),
         CmdSubmit(
             CONTROL_IN,
             DEVID,
@@ -225,7 +275,7 @@ def pending_submits() -> list[Message]:
             ISO_IN,
             DEVID,
             Direction.IN,
-            2,
+            ISO_EP,
             np_in * 64,
             number_of_packets=np_in,
             iso_packets=iso_packets(np_in, 64),
@@ -234,45 +284,71 @@ def pending_submits() -> list[Message]:
             ISO_OUT,
             DEVID,
             Direction.OUT,
-            2,
+            ISO_EP,
             2 * 32,
             number_of_packets=2,
             data=bytes(64),
             iso_packets=iso_packets(2, 32),
         ),
-        # Interrupt IN: unknown to the descriptors, so non-ISO; 0xffffffff packets
-        # as usbip-win2 sends for "not ISO".
-        CmdSubmit(INTERRUPT_IN, DEVID, Direction.IN, 3, 8, number_of_packets=NO_ISO_PACKETS),
-        CmdSubmit(UNLINKED, DEVID, Direction.IN, 1, 64),
+        # Interrupt IN, with 0xffffffff packets as usbip-win2 sends for "not ISO".
+        CmdSubmit(
+            INTERRUPT_IN, DEVID, Direction.IN, INTERRUPT_EP, 8, number_of_packets=NO_ISO_PACKETS
+        ),
+        CmdSubmit(UNLINKED, DEVID, Direction.IN, BULK_EP, 64),
         CmdUnlink(UNLINK_SEQNUM, UNLINKED, DEVID),
     ]
 
 
-def learning_steps() -> list[tuple[Role, Message]]:
-    """Enumeration the codec watches: the configuration descriptor, then alt setting 1."""
+def get_configuration_setup(length: int) -> bytes:
+    return setup(0x80, GET_DESCRIPTOR, DESC_CONFIGURATION << 8, 0, length)
+
+
+def enumeration_steps(seqnum: int = ENUMERATION_SEQNUM) -> list[tuple[Role, Message]]:
+    """Enumeration the codec watches, as usbcore does it: the configuration descriptor
+    and SET_CONFIGURATION, answered; then SET_INTERFACE to the alt setting with the
+    isochronous endpoints. After it, every endpoint the seeds use is known."""
     config = configuration_descriptor()
+    get = get_configuration_setup(len(config))
+    set_configuration = setup(0x00, 0x09, CONFIGURATION_VALUE, 0, 0)
+    set_interface = setup(0x01, 0x0B, ISO_ALTERNATE, 0, 0)
     return [
-        (C, CmdSubmit(100, DEVID, Direction.IN, 0, 255, setup=setup(0x80, 0x06, 0x0200, 0, 255))),
-        (S, RetSubmit(100, 0, len(config), data=config)),
-        (C, CmdSubmit(101, DEVID, Direction.OUT, 0, 0, setup=setup(0x00, 0x09, 1, 0, 0))),
-        (S, RetSubmit(101, 0, 0)),
-        (C, CmdSubmit(102, DEVID, Direction.OUT, 0, 0, setup=setup(0x01, 0x0B, 1, 0, 0))),
-        (S, RetSubmit(102, 0, 0)),
+        (C, CmdSubmit(seqnum, DEVID, Direction.IN, 0, len(config), setup=get)),
+        (S, RetSubmit(seqnum, 0, len(config), data=config)),
+        (C, CmdSubmit(seqnum + 1, DEVID, Direction.OUT, 0, 0, setup=set_configuration)),
+        (S, RetSubmit(seqnum + 1, 0, 0)),
+        (C, CmdSubmit(seqnum + 2, DEVID, Direction.OUT, 0, 0, setup=set_interface)),
+        (S, RetSubmit(seqnum + 2, 0, 0)),
     ]
 
 
-def import_steps() -> list[tuple[Role, Message]]:
+@dataclass(frozen=True, slots=True)
+class LoadLayout:
+    """A prefix step: the fuzz device's layout loaded into the codec's state, as the
+    server gateway loads it from sysfs and the simulator from its own device."""
+
+    def apply(self, state: ProtocolState) -> None:
+        state.layout.load((parsed_configuration(),), CONFIGURATION_VALUE, {0: ISO_ALTERNATE})
+
+
+Step = tuple[Role, Message] | LoadLayout
+
+
+def import_steps() -> list[Step]:
     return [(C, OpRequestImport(BUSID)), (S, OpReplyImport(OpStatus.OK, device_info()))]
 
 
-# Each prefix: the conversation so far, as (sender, event).
-SPLICE_PREFIXES: list[list[tuple[Role, Message]]] = [
+def _pending() -> list[tuple[Role, Message]]:
+    return [(C, e) for e in pending_submits()]
+
+
+# Each prefix: the conversation so far, as (sender, event), and where the layout is loaded.
+SPLICE_PREFIXES: list[list[Step]] = [
     [],  # 0: op phase, nothing said
     [(C, OpRequestImport(BUSID))],  # 1: the server's IMPORT reply is next
     [(C, OpRequestDevlist())],  # 2: the server's DEVLIST reply is next
-    import_steps(),  # 3: URB phase, nothing pending
-    import_steps() + [(C, e) for e in pending_submits()],  # 4: URBs of every kind pending
-    import_steps() + learning_steps() + [(C, e) for e in pending_submits()],  # 5: learned
+    import_steps(),  # 3: URB phase, nothing pending, only endpoint 0 known
+    [*import_steps(), *enumeration_steps(), *_pending()],  # 4: URBs of every kind pending
+    [*import_steps(), LoadLayout(), *_pending()],  # 5: the same, the layout loaded
 ]
 
 
@@ -332,7 +408,11 @@ class _SpliceRun:
 
 
 def _splice_prefix(run: _SpliceRun, index: int) -> None:
-    for sender, event in SPLICE_PREFIXES[index]:
+    for step in SPLICE_PREFIXES[index]:
+        if isinstance(step, LoadLayout):
+            step.apply(run.splice.state)
+            continue
+        sender, event = step
         run.feed(sender, event.encode())
     if run.failed or run.splice.buffered(C) or run.splice.buffered(S):
         raise FuzzFailure(f"prefix {index} did not parse cleanly")
@@ -469,10 +549,24 @@ def _server_action(conn: Connection, payload: bytes, unlinks: list[int]) -> Mess
             urb.seqnum,
             status,
             actual,
-            data=bytes(actual) if urb.direction == Direction.IN else b"",
+            data=_in_data(urb, actual) if urb.direction == Direction.IN else b"",
         )
     seqnum = unlinks.pop(0) if unlinks else p.u16()
     return RetUnlink(seqnum, -ECONNRESET if p.u8() & 1 else 0)
+
+
+def _in_data(urb: PendingUrb, actual: int) -> bytes:
+    """What the device returns: its configuration descriptor (as much as fits) for a
+    GET_DESCRIPTOR(configuration), so a conversation can enumerate; zeros otherwise."""
+    request = urb.setup
+    if (
+        request is not None
+        and request.request_type == 0x80
+        and request.request == GET_DESCRIPTOR
+        and request.value >> 8 == DESC_CONFIGURATION
+    ):
+        return configuration_descriptor()[:actual].ljust(actual, b"\0")
+    return bytes(actual)
 
 
 def _drain_connection(conn: Connection, on_event: Callable[[Event], None]) -> str | None:
@@ -492,22 +586,27 @@ def _drain_connection(conn: Connection, on_event: Callable[[Event], None]) -> st
 
 
 # What a Connection has already said and heard before the fuzzed records.
-CLIENT_PREFIXES: list[list[tuple[Role, Message]]] = [
+CLIENT_PREFIXES: list[list[Step]] = [
     [(C, OpRequestDevlist())],
     [(C, OpRequestImport(BUSID))],
     import_steps(),
-    import_steps() + [(C, e) for e in pending_submits()],
-    import_steps() + learning_steps() + [(C, e) for e in pending_submits()],
+    [*import_steps(), *enumeration_steps(), *_pending()],
+    [*import_steps(), LoadLayout(), *_pending()],
 ]
-SERVER_PREFIXES: list[list[tuple[Role, Message]]] = [
+SERVER_PREFIXES: list[list[Step]] = [
     [],
     import_steps(),
-    import_steps() + learning_steps(),
+    [*import_steps(), *enumeration_steps()],
+    [*import_steps(), LoadLayout()],  # as the simulator does at import
 ]
 
 
-def _connection_prefix(conn: Connection, steps: list[tuple[Role, Message]]) -> None:
-    for sender, event in steps:
+def _connection_prefix(conn: Connection, steps: list[Step]) -> None:
+    for step in steps:
+        if isinstance(step, LoadLayout):
+            step.apply(conn.state)
+            continue
+        sender, event = step
         if sender is conn.our_role:
             conn.send(event)
         else:

@@ -53,6 +53,11 @@ EXAMPLES = int(os.environ.get("USBIP_GW_RELAY_EXAMPLES", "25"))
 CALL_BOUND = 20.0  # seconds any one step may take
 FIFO_CAPACITY = 1024 * 1024  # the simulated loopback device's (gadget_zero.Loopback)
 BULK = 1
+# URBs `import_device` sends before any rule runs (ImportedDevice.enumerate, what usbcore
+# does): GET_DESCRIPTOR(configuration) for the header, then for the whole set, then
+# SET_CONFIGURATION; all three end in a RET_SUBMIT. The gateways learn the endpoints
+# from them, and count them in the session like any other URB.
+ENUMERATION_URBS = 3
 sizes = st.sampled_from([0, 1, 63, 64, 511, 512, 513, 4096, 65536]) | st.integers(0, 70000)
 
 
@@ -93,10 +98,6 @@ class Portal:
             self.client = ClientGateway(
                 client_config(self._pki, Address(*listeners[0].socket.getsockname()[:2]))
             )
-            self.client_sessions = Tracker()
-            self.client.handle = self.client_sessions.wrap(  # type: ignore[method-assign,assignment]
-                self.client.handle
-            )
             listeners = await nursery.start(self.client.serve)
             self.address = Address(*listeners[0].socket.getsockname()[:2])
             self.token = trio.lowlevel.current_trio_token()
@@ -115,7 +116,7 @@ class Portal:
         assert not self._thread.is_alive()
 
     async def quiet(self) -> None:
-        await self.client_sessions.idle()
+        await self.client.acceptor.wait_idle()
         await self.server.wait_idle()
         await self.sim_sessions.idle()
 
@@ -143,8 +144,8 @@ class RelayMachine(RuleBasedStateMachine):
         self.waiting: list[Urb] = []  # loopback INs with no data yet, in order
         self.arriving: list[Urb] = []  # INs the model has data for, not yet checked
         self.completed: list[int] = []
-        self.urbs = 0  # loopback URBs submitted
-        self.rets = 0  # loopback RET_SUBMITs received
+        self.urbs = ENUMERATION_URBS  # loopback URBs submitted
+        self.rets = ENUMERATION_URBS  # loopback RET_SUBMITs received
         self.unlinked = 0  # loopback URBs ended by RET_UNLINK -ECONNRESET
         self.counter = 0
 
@@ -153,7 +154,7 @@ class RelayMachine(RuleBasedStateMachine):
     async def _import(self, busid: str) -> ImportedDevice:
         p = self.portal
         device = await import_device(
-            await trio.open_tcp_stream(p.address.host, p.address.port), busid
+            await trio.open_tcp_stream(p.address.host, p.address.port), busid, enumerate=True
         )
         p.nursery.start_soon(device.serve)
         return device
