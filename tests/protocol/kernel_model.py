@@ -123,3 +123,62 @@ class StubModel:
             self.frames.append((start, pos))
             if ep == 0:
                 self._tweak(setup)
+
+
+@dataclass
+class VhciUrb:
+    """What vhci-hcd keeps of a URB it submitted: its pipe and buffer."""
+
+    is_in: bool
+    iso: bool
+    number_of_packets: int
+    transfer_buffer_length: int
+
+
+@dataclass
+class VhciModel:
+    """vhci-hcd reading a server's replies (`vhci_rx.c`, `usbip_common.c`)."""
+
+    pending: dict[int, VhciUrb]
+    frames: list[tuple[int, int]] = field(default_factory=list)
+    closed: str | None = None
+
+    def read(self, stream: bytes) -> None:
+        pos = 0
+        while self.closed is None and len(stream) - pos >= 48:
+            start = pos
+            command, seqnum, _, _, _, status, actual, _sf, np, _ec = struct.unpack_from(
+                ">IIIIIiiiii", stream, pos
+            )
+            del status
+            pos += 48
+            if command == 4:  # RET_UNLINK: nothing follows
+                self.frames.append((start, pos))
+                continue
+            if command != 3:
+                self.closed = "unknown pdu"
+                break
+            urb = self.pending.pop(seqnum, None)
+            if urb is None:
+                self.closed = "cannot find a urb"
+                break
+            if urb.is_in and actual > 0:  # usbip_recv_xbuff
+                if actual > urb.transfer_buffer_length:
+                    self.closed = "recv xbuf (longer than the buffer)"
+                    break
+                if len(stream) - pos < actual:
+                    pos = start
+                    break
+                pos += actual
+            if urb.iso:  # usbip_pack_ret_submit clamps, usbip_recv_iso reads
+                count = np if 0 <= np <= urb.number_of_packets else 0
+                if count:
+                    if len(stream) - pos < 16 * count:
+                        pos = start
+                        break
+                    total = sum(_ISO.unpack_from(stream, pos + 16 * i)[2] for i in range(count))
+                    pos += 16 * count
+                    if total != actual:
+                        self.closed = "iso packet lengths do not add up"
+                        break
+            self.frames.append((start, pos))

@@ -21,6 +21,7 @@ from gateway.protocol import (
     CmdUnlink,
     DeviceInfo,
     Direction,
+    IsoPacket,
     OpReplyImport,
     OpRequestImport,
     OpStatus,
@@ -31,7 +32,7 @@ from gateway.protocol import (
 )
 
 from .helpers import DEVID, PROFILE, config_descriptor, device, enumeration_steps, setup_packet
-from .kernel_model import AltSpec, StubModel
+from .kernel_model import AltSpec, StubModel, VhciModel, VhciUrb
 
 C, S = Role.CLIENT, Role.SERVER
 _HEADER = struct.Struct(">IIIIIIiiIi8s")
@@ -177,3 +178,110 @@ def test_the_generated_streams_hit_both_outcomes() -> None:
             refused += 1
     assert accepted
     assert refused
+
+
+# -------------------------------------------------------------- vhci-hcd, the other way
+
+# URBs in flight when the server's replies come: (seqnum, CMD_SUBMIT) on the test device
+# with alt setting 1 of interface 1 (bulk 0x81/0x02, interrupt 0x83, iso 0x84/0x05).
+SET_ALT = CmdSubmit(90, DEVID, Direction.OUT, 0, 0, setup=setup_packet(0x01, 0x0B, 1, 1, 0))
+_ISO2 = (IsoPacket(0, 16), IsoPacket(16, 16))
+PENDING = (
+    CmdSubmit(1, DEVID, Direction.IN, 1, 64),
+    CmdSubmit(2, DEVID, Direction.OUT, 2, 64, data=bytes(64)),
+    CmdSubmit(3, DEVID, Direction.IN, 4, 32, number_of_packets=2, iso_packets=_ISO2),
+    CmdSubmit(
+        4, DEVID, Direction.OUT, 5, 32, number_of_packets=2, data=bytes(32), iso_packets=_ISO2
+    ),
+    CmdSubmit(5, DEVID, Direction.IN, 3, 8),
+)
+
+
+@st.composite
+def replies(draw: st.DrawFn) -> bytes:
+    seqnum = draw(st.sampled_from([1, 2, 3, 4, 5, 99]))
+    if draw(st.integers(0, 5)) == 0:
+        return struct.pack(">IIIIIi24x", 4, seqnum, 0, 0, 0, 0)  # RET_UNLINK
+    actual = draw(st.sampled_from([0, 8, 32, 64, 100, -1]))
+    np = draw(st.sampled_from([0, 1, 2, 3, 0xFFFFFFFF]))
+    head = struct.pack(">IIIIIiiiIi8x", 3, seqnum, 0, 0, 0, 0, actual, 0, np, 0)
+    hidden = struct.pack(">IIIIIi24x", 4, 0xDEAD, 0, 0, 0, 0)
+    body = b""
+    if draw(st.booleans()) and actual > 0:
+        body += (hidden * 3)[:actual]
+    if draw(st.booleans()) and np <= 3:
+        share = max(actual, 0) // max(np, 1)
+        body += b"".join(struct.pack(">IIii", 16 * i, 16, share, 0) for i in range(np))
+    if draw(st.booleans()):
+        body += hidden
+    return head + body
+
+
+def vhci_pending() -> dict[int, VhciUrb]:
+    return {
+        c.seqnum: VhciUrb(
+            c.direction is Direction.IN,
+            bool(c.iso_packets),
+            c.number_of_packets,
+            c.transfer_buffer_length,
+        )
+        for c in PENDING
+    }
+
+
+def splice_ret_frames(stream: bytes) -> list[tuple[int, int]]:
+    splice = Splice()
+    info = device()
+    steps = [(C, header_op_import(info.busid)), (S, reply_import(info))]
+    steps += [(sender, event.encode()) for sender, event in enumeration_steps(DEVID, CONFIG)]
+    steps += [(C, SET_ALT.encode()), (S, RetSubmit(90, 0, 0).encode())]
+    steps += [(C, cmd.encode()) for cmd in PENDING]
+    for sender, raw in steps:
+        splice.receive_data(sender, raw)
+        assert splice.next_frame(sender) is not NEED_DATA
+    splice.receive_data(S, stream)
+    frames: list[tuple[int, int]] = []
+    pos = 0
+    while True:
+        try:
+            frame = splice.next_frame(S)
+        except ProtocolError:
+            return frames
+        if frame is NEED_DATA:
+            return frames
+        size = len(frame.raw)  # type: ignore[union-attr]
+        frames.append((pos, pos + size))
+        pos += size
+
+
+@PROFILE
+@given(st.lists(replies(), min_size=1, max_size=6).map(b"".join))
+def test_every_reply_passed_is_the_one_vhci_reads(stream: bytes) -> None:
+    gateway = splice_ret_frames(stream)
+    kernel = VhciModel(vhci_pending())
+    kernel.read(stream)
+    n = min(len(gateway), len(kernel.frames))
+    assert gateway[:n] == kernel.frames[:n], (gateway, kernel.frames)
+    if len(gateway) > len(kernel.frames):
+        assert kernel.closed is not None, (gateway, kernel.frames)
+
+
+def test_an_out_reply_carries_no_data_whatever_actual_length_says() -> None:
+    """A RET_SUBMIT for an OUT URB claiming 48 bytes: vhci reads none of them, so the
+    next 48 bytes are the next reply, and the gateway checks them as one."""
+    hidden = struct.pack(">IIIIIi24x", 4, 0xDEAD, 0, 0, 0, 0)
+    stream = struct.pack(">IIIIIiiiIi8x", 3, 2, 0, 0, 0, 0, 48, 0, 0, 0) + hidden
+    kernel = VhciModel(vhci_pending())
+    kernel.read(stream)
+    assert kernel.frames == [(0, 48), (48, 96)]
+    assert splice_ret_frames(stream) == [(0, 48), (48, 96)]
+
+
+def test_more_packets_than_asked_are_refused() -> None:
+    """vhci replaces a packet count above the URB's by 0 and reads no descriptors."""
+    hidden = struct.pack(">IIIIIi24x", 4, 0xDEAD, 0, 0, 0, 0)
+    stream = struct.pack(">IIIIIiiiIi8x", 3, 3, 0, 0, 0, 0, 0, 0, 3, 0) + hidden
+    kernel = VhciModel(vhci_pending())
+    kernel.read(stream)
+    assert kernel.frames == [(0, 48), (48, 96)]
+    assert splice_ret_frames(stream) == []
