@@ -27,7 +27,7 @@ from gateway.relay import relay
 from gateway.session import Session
 
 from .observability.helpers import sample
-from .protocol.helpers import device
+from .protocol.helpers import device, enumeration_steps
 from .test_relay_threads import socket_streams
 
 INFO = device()
@@ -68,6 +68,14 @@ async def _relayed(
     assert conn.next_event() == OpRequestImport(INFO.busid)
     await server.send_all(conn.send(OpReplyImport(OpStatus.OK, INFO)))
     assert await client.receive_some(1 << 16)  # the reply went through: URB phase
+    for sender, event in enumeration_steps(INFO.devid):  # the relay learns the endpoints
+        if sender is Role.CLIENT:
+            await client.send_all(event.encode())
+            conn.receive_data(await server.receive_some(1 << 16))
+            assert conn.next_event() == event
+        else:
+            await server.send_all(conn.send(event))
+            assert await client.receive_some(1 << 16) == event.encode()
     return Relayed(client, server, conn, session, done)
 
 
