@@ -13,13 +13,21 @@ import trio.testing
 from gateway.client import ClientGateway
 from gateway.demo import Stack, start_stack
 from gateway.observability.metrics import outcome_class
-from gateway.protocol import CmdSubmit, Direction, OpReplyImport, OpRequestImport, OpStatus, Splice
+from gateway.protocol import (
+    CmdSubmit,
+    Direction,
+    OpReplyImport,
+    OpRequestImport,
+    OpStatus,
+    Role,
+    Splice,
+)
 from gateway.relay import IdleTimeouts, relay
 from gateway.session import Session
 
 from .observability.helpers import sample
 from .pki import PKI, client_config
-from .protocol.helpers import device
+from .protocol.helpers import device, enumeration_steps
 
 INFO = device()
 HOUR = 3600.0
@@ -61,6 +69,10 @@ async def _import(r: Relayed) -> None:
     assert await r.server.receive_some(1 << 16)
     await r.server.send_all(OpReplyImport(OpStatus.OK, INFO).encode())
     assert await r.client.receive_some(1 << 16)
+    for sender, event in enumeration_steps(INFO.devid):  # the relay learns the endpoints
+        source, sink = (r.client, r.server) if sender is Role.CLIENT else (r.server, r.client)
+        await source.send_all(event.encode())
+        assert await sink.receive_some(1 << 16) == event.encode()
 
 
 async def test_a_silent_session_is_closed_in_the_op_phase(

@@ -292,8 +292,14 @@ async def test_a_chunk_at_the_limit_from_a_peer_reaches_usbipd(
     with trio.fail_after(10):
         await tls.send_all(chunk(OpRequestImport("1-1").encode()))
         busnum, devnum = struct.unpack_from(">II", await read(320), 8 + 288)
+        devid = (busnum << 16) | devnum
+        for seqnum, setup in enumerate(ENUMERATION, start=100):  # endpoints become known
+            request = CmdSubmit(seqnum, devid, Direction(setup[0] >> 7), 0, setup[6], setup=setup)
+            await tls.send_all(chunk(request.encode()))
+            answer = await read(48)
+            await read(struct.unpack_from(">i", answer, 24)[0] if setup[0] & 0x80 else 0)
         payload = bytes(compression.MAX_CHUNK)  # what the source/sink expects
-        cmd = CmdSubmit(1, (busnum << 16) | devnum, Direction.OUT, 1, len(payload), data=payload)
+        cmd = CmdSubmit(1, devid, Direction.OUT, 1, len(payload), data=payload)
         frame = cmd.encode()
         received = pair.sim.bytes_received
         await tls.send_all(chunk(frame[:48]) + chunk(frame[48:]))
@@ -302,6 +308,14 @@ async def test_a_chunk_at_the_limit_from_a_peer_reaches_usbipd(
     assert (command, seqnum, status, actual) == (3, 1, 0, len(payload))  # RET_SUBMIT, OK
     assert pair.sim.bytes_received - received == len(frame)
     await trio.aclose_forcefully(tls)
+
+
+# What usbcore sends first: the configuration descriptor (the source/sink's fits in
+# 255 bytes), then SET_CONFIGURATION(1).
+ENUMERATION = (
+    struct.pack("<BBHHH", 0x80, 0x06, 0x0200, 0, 255),
+    struct.pack("<BBHHH", 0x00, 0x09, 1, 0, 0),
+)
 
 
 def _sessions_ended(pair: Pair, outcome: str) -> float:
