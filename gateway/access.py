@@ -18,7 +18,7 @@ from gateway.facts import StringSource
 from gateway.policy import ClientFacts, Decision, DeviceFacts, Policy, PolicyError, Target
 from gateway.protocol import DeviceInfo, ExportedDevice, InterfaceInfo, OpStatus
 from gateway.reloading import FileSignatures
-from gateway.transport.tls import PeerIdentity
+from gateway.transport.identity import PeerIdentity
 
 log = logging.getLogger("gateway.access")
 

@@ -41,6 +41,7 @@ from gateway.reloading import watch, watch_tls
 from gateway.serving import Acceptor
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.identity import IdentityRefused, PeerIdentity, client_identity
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
@@ -50,10 +51,9 @@ from gateway.transport.sockets import (
 )
 from gateway.transport.tls import (
     HandshakeFailed,
-    PeerIdentity,
     ReloadableContext,
     handshake,
-    peer_identity,
+    peer_certificate,
 )
 from gateway.usbip_client import list_devices
 
@@ -192,7 +192,10 @@ class ServerGateway:
             await trio.aclose_forcefully(tls_stream)
             return
         self.metrics.handshake_succeeded()
-        identity = peer_identity(tls_stream)
+        identity = self._identify(tls_stream, address)
+        if identity is None:
+            await trio.aclose_forcefully(tls_stream)
+            return
         session = Session("server", str(identity), address, time.time())
         session.transport = transport_name(stream)
         client = compress_if_negotiated(
@@ -226,6 +229,29 @@ class ServerGateway:
                 duration_seconds=round(time.time() - session.started, 3),
             )
             del self.sessions[session.id]
+
+    def _identify(self, stream: trio.SSLStream[Any], address: str) -> PeerIdentity | None:
+        """The client's identity, or None (logged, audited, counted) if its certificate
+        is not one: before a session exists, so nothing of it reaches usbipd."""
+        try:
+            return client_identity(peer_certificate(stream))
+        except IdentityRefused as exc:
+            self.metrics.identity_refused(exc.reason)
+            log.warning(
+                "refused the client certificate from %s (sha256 %s): %s: %s",
+                address,
+                exc.fingerprint_sha256,
+                exc.reason,
+                exc.detail,
+            )
+            self.audit.record(
+                "identity_refused",
+                address=address,
+                reason=exc.reason,
+                detail=exc.detail,
+                fingerprint_sha256=exc.fingerprint_sha256,
+            )
+            return None
 
     async def wait_idle(self) -> None:
         """Until no connection is open (each one logged, audited and counted)."""

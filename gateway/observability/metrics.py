@@ -34,6 +34,7 @@ from gateway import __version__
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus
 from gateway.session import Session
+from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
 from .rtt import BUCKETS
@@ -166,6 +167,14 @@ class GatewayMetrics:
             registry=registry,
         )
         self._handshake_failures = {r: failures.labels(role, r) for r in HANDSHAKE_REASONS}
+        identities = Counter(
+            f"{p}identity_refusals",
+            "Peers whose verified certificate is not an identity (a CA certificate, or "
+            "one the identity parser cannot decode), by bounded reason.",
+            ["role", "reason"],
+            registry=registry,
+        )
+        self._identity_refusals = {r: identities.labels(role, r) for r in IDENTITY_REFUSALS}
 
         sessions = Counter(
             f"{p}sessions",
@@ -287,6 +296,9 @@ class GatewayMetrics:
     def handshake_failed(self, reason: HandshakeReason) -> None:
         self._handshakes.inc()
         self._handshake_failures.get(reason, self._handshake_failures["other"]).inc()
+
+    def identity_refused(self, reason: IdentityRefusal) -> None:
+        self._identity_refusals[reason].inc()
 
     def connection_refused(self) -> None:
         """A connection was closed unserved: the gateway had max_connections open."""

@@ -1,0 +1,154 @@
+"""Client certificates that chain to the CA yet are no client identity, through the real
+server gateway over TLS: refused after the handshake, before usbipd hears of anything,
+with an audit record, a metric and a log line; never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+
+from gateway.config import Address, AuditSettings, TLSSettings
+from gateway.server import ServerGateway
+from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.tls import client_context
+
+from .badcerts import der, issue, san, subject_string
+from .pki import PKI, server_config
+
+OP_REQ_DEVLIST = b"\x01\x11\x80\x05\x00\x00\x00\x00"
+
+
+@dataclass
+class Gateway:
+    sim: SimServer
+    server: ServerGateway
+    address: Address
+    audit: Path
+
+    async def records(self) -> list[dict[str, object]]:
+        await self.server.wait_idle()
+        self.server.audit.close()
+        await self.server.audit.finished.wait()
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.server.metrics.registry.get_sample_value(f"usbip_gateway_{name}", labels)
+
+
+@pytest.fixture
+async def gateway(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Gateway:
+    sim: SimServer = await nursery.start(partial(serve_sim, host="127.0.0.1", port=0))
+    audit = tmp_path / "audit.jsonl"
+    config = replace(
+        server_config(pki, Address(*sim.addresses[0])), audit=AuditSettings(path=str(audit))
+    )
+    server = ServerGateway(config, strings=sim)
+    listeners = await nursery.start(server.serve)
+    return Gateway(sim, server, Address(*listeners[0].socket.getsockname()[:2]), audit)
+
+
+async def devlist_over_tls(gateway: Gateway, tls: TLSSettings) -> bytes:
+    """A DEVLIST request straight to the server gateway; whatever comes back."""
+    tcp = await trio.open_tcp_stream(gateway.address.host, gateway.address.port)
+    context = client_context(tls.cert, tls.key, tls.ca)
+    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+    received = b""
+    try:
+        await stream.send_all(OP_REQ_DEVLIST)
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+    return received
+
+
+async def assert_refused(
+    gateway: Gateway, tls: TLSSettings, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        assert await devlist_over_tls(gateway, tls) == b""
+        records = await gateway.records()
+    assert gateway.sim.connections_accepted == 0  # usbipd never heard of it
+    refused = [r for r in records if r["event"] == "identity_refused"]
+    assert len(refused) == 1
+    assert refused[0]["reason"] == reason
+    assert isinstance(refused[0]["fingerprint_sha256"], str)
+    assert len(refused[0]["fingerprint_sha256"]) == 64
+    assert not [r for r in records if r["event"] == "session_end"]
+    assert gateway.metric("identity_refusals_total", role="server", reason=reason) == 1
+    lines = [r for r in caplog.records if "refused the client certificate" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    assert reason in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_an_intermediate_ca_certificate_is_not_a_client(
+    gateway: Gateway, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = pki.ca.create_child_ca()
+    cert, key = tmp_path / "child-ca.pem", tmp_path / "child-ca.key"
+    child.cert_pem.write_to_path(str(cert))
+    child.private_key_pem.write_to_path(str(key))
+    await assert_refused(gateway, TLSSettings(cert, key, pki.ca_pem), "ca_certificate", caplog)
+
+
+async def test_a_key_cert_sign_certificate_is_not_a_client(
+    gateway: Gateway, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,  # without CA:TRUE: signs certificates all the same
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    tls = issue(pki, tmp_path, "signer", extensions=(usage,))
+    await assert_refused(gateway, tls, "ca_certificate", caplog)
+
+
+UNDECODABLE = {
+    # A SAN URI or DNS name is an IA5String: bytes above 0x7f are not one.
+    "san_uri_not_ascii": {"extensions": (san(der(0x86, b"spiffe://\xff\xfe/x")),)},
+    "san_dns_not_ascii": {"extensions": (san(der(0x82, b"a\xff.test")),)},
+    # x400Address: a GeneralName the parser has no type for.
+    "san_x400_address": {"extensions": (san(der(0xA3, der(0x30, b""))),)},
+    # A TeletexString CN whose bytes are not UTF-8.
+    "subject_teletex_bytes": {"patch": subject_string(0x14, b"\xff\xfe\xfd\xfc")},
+    # An IA5String CN with bytes above 0x7f.
+    "subject_ia5_not_ascii": {"patch": subject_string(0x16, b"\xff\xfeAA")},
+    # A CN whose value is a SEQUENCE, not a string at all.
+    "subject_not_a_string": {"patch": subject_string(0x30, b"\x05\x00\x05\x00")},
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNDECODABLE))
+async def test_a_certificate_the_identity_parser_cannot_decode_is_refused(
+    case: str, gateway: Gateway, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = issue(pki, tmp_path, case, **UNDECODABLE[case])  # type: ignore[arg-type]
+    await assert_refused(gateway, tls, "undecodable", caplog)
+
+
+async def test_an_ordinary_client_certificate_is_served(
+    gateway: Gateway, pki: PKI, tmp_path: Path
+) -> None:
+    # The control for the refusals above: same builder, same path, a plain leaf.
+    tls = issue(pki, tmp_path, "plain", common_name="plain")
+    assert (await devlist_over_tls(gateway, tls))[:4] == b"\x01\x11\x00\x05"
+    assert gateway.sim.connections_accepted == 1
+    records = await gateway.records()
+    assert not [r for r in records if r["event"] == "identity_refused"]
