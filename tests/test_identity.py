@@ -1,11 +1,14 @@
 """Client certificates that chain to the CA yet are no client identity, through the real
 server gateway over TLS: refused after the handshake, before usbipd hears of anything,
-with an audit record, a metric and a log line; never a traceback."""
+with an audit record, a metric and a log line; never a traceback. And an identity is
+peer-chosen text: in a text log it cannot start a line of its own."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -15,6 +18,7 @@ import trio
 from cryptography import x509
 
 from gateway.config import Address, AuditSettings, TLSSettings
+from gateway.logs import TextFormatter
 from gateway.server import ServerGateway
 from gateway.sim.server import SimServer, serve_sim
 from gateway.transport.tls import client_context
@@ -152,3 +156,41 @@ async def test_an_ordinary_client_certificate_is_served(
     assert gateway.sim.connections_accepted == 1
     records = await gateway.records()
     assert not [r for r in records if r["event"] == "identity_refused"]
+
+
+RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ gateway[.\w]*: ")
+FORGED = "INFO gateway.server: peer=CN=root"
+
+
+@pytest.mark.parametrize(
+    "common_name",
+    [
+        f"m\n2026-11-25 09:00:00,000 {FORGED}",  # a whole forged line, with spaces
+        "m\noutcome=attached",  # no space: nothing prompted quoting before
+    ],
+)
+async def test_a_newline_in_an_identity_cannot_forge_a_log_line(
+    common_name: str, gateway: Gateway, pki: PKI, tmp_path: Path
+) -> None:
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("gateway")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        tls = issue(pki, tmp_path, "mallory", common_name=common_name)
+        assert (await devlist_over_tls(gateway, tls))[:4] == b"\x01\x11\x00\x05"
+        await gateway.server.wait_idle()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = text.getvalue().splitlines()
+    about_peer = [line for line in lines if "CN=m\\n" in line]
+    assert len(about_peer) >= 2  # the session's start (debug) and its end
+    assert all(RECORD_START.match(line) for line in lines), lines
+    escaped = common_name.replace("\n", "\\n")
+    end = next(line for line in lines if " session end " in line)
+    assert f'peer="CN={escaped}"' in end
+    assert all(escaped in line for line in about_peer)
