@@ -100,12 +100,16 @@ class ServerGateway:
             sysfs = config.policy.sysfs
             strings = SysfsStrings(sysfs) if sysfs is not None else NoStrings()
         self.audit = audit or AuditLog(config.audit.path)
+        self.metrics = GatewayMetrics.for_server(config)
         self.access = AccessControl(
-            PolicyFile(config.policy.file), strings, self.audit, self._list_upstream
+            PolicyFile(config.policy.file),
+            strings,
+            self.audit,
+            self._list_upstream,
+            on_decision=self.metrics.record_policy_decision,
         )
         self.sessions: dict[int, Session] = {}
         self.attached: dict[int, Attached] = {}
-        self.metrics = GatewayMetrics.for_server(config)
         self.acceptor = Acceptor(
             "server gateway", self.handle, config.max_connections, self.metrics.connection_refused
         )
@@ -302,8 +306,10 @@ class ServerGateway:
             assert isinstance(reply.event, OpReplyDevlist)
             devices = reply.event.devices
             shown = self.access.visible(identity, session.address, devices)
-            data = reply.raw if shown == devices else splice.replace(reply, OpReplyDevlist(shown))
-            await client.send_all(data)
+            # Encoded afresh even when nothing was left out: whatever quirk usbipd's own
+            # bytes have, a hidden device and an absent one give the same reply.
+            ok = reply.event.status == OpStatus.OK
+            await client.send_all(splice.replace(reply, OpReplyDevlist(shown)) if ok else reply.raw)
             session.outcome = f"listed {len(shown)} of {len(devices)} devices"
 
         refusal = OpReplyDevlist(status=OpStatus.ERROR)
@@ -336,10 +342,14 @@ class ServerGateway:
             if reply.event.device is None:
                 await client.send_all(reply.raw)  # usbipd's own refusal, as it is
                 return
-            facts = self._confirm(verdict, identity, reply)
+            facts = self._confirm(verdict, identity, session, reply)
             if facts is None:
-                session.outcome = "device changed between decision and import; now denied"
-                return  # closing usbipd's socket frees the device
+                session.outcome = "device changed between decision and import; refused"
+                # Answered as a device that is not there; closing usbipd's socket (on
+                # return) frees the device. Not through the splice: it has seen usbipd's
+                # OK, and nothing more goes through this session.
+                await client.send_all(OpReplyImport(OpStatus.NODEV).encode())
+                return
             await client.send_all(reply.raw)
             await self._attached_relay(
                 client=client,
@@ -389,25 +399,23 @@ class ServerGateway:
             await close_all(client, upstream)
 
     def _confirm(
-        self, verdict: Verdict, identity: PeerIdentity, reply: Frame
+        self, verdict: Verdict, identity: PeerIdentity, session: Session, reply: Frame
     ) -> DeviceFacts | None:
-        """The facts of the device usbipd actually handed over, if still allowed."""
+        """The facts of the device usbipd handed over, if it is the one decided on."""
         assert isinstance(reply.event, OpReplyImport)
         assert reply.event.device is not None
         info = reply.event.device
-        decided = verdict.device
-        if decided is not None and (decided.vendor_id, decided.product_id, decided.busid) == (
-            info.id_vendor,
-            info.id_product,
-            info.busid,
-        ):
-            return decided
-        facts = self.access.imported_facts(info)
-        if decided is None and verdict.allowed:
-            # Allowed without looking at the device (e.g. by client and bus id alone).
-            return facts
-        decision = self.access.recheck(identity, facts)
-        return facts if decision.target is Target.ALLOW else None
+        if verdict.listed is not None and verdict.device is not None:
+            # The whole 312-byte record: ids, class, bus and device numbers (a replugged
+            # device is enumerated anew), configuration, number of interfaces.
+            if info == verdict.listed:
+                return verdict.device
+        elif info.busid == session.busid:
+            # Allowed by client and bus id alone, and not in usbipd's listing (it was in
+            # use, or freed since): whatever device this is, the policy allows it.
+            return self.access.record_facts(info)
+        self.access.changed_device(identity, session.address, verdict, info)
+        return None
 
     async def _attached_relay(
         self,

@@ -21,12 +21,10 @@ from gateway.config import Address, AuditSettings, TLSSettings
 from gateway.logs import TextFormatter
 from gateway.server import ServerGateway
 from gateway.sim.server import SimServer, serve_sim
-from gateway.transport.tls import client_context
 
 from .badcerts import der, issue, san, subject_string
 from .pki import PKI, server_config
-
-OP_REQ_DEVLIST = b"\x01\x11\x80\x05\x00\x00\x00\x00"
+from .tls_client import OP_REQ_DEVLIST, exchange
 
 
 @dataclass
@@ -59,20 +57,7 @@ async def gateway(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Gateway:
 
 
 async def devlist_over_tls(gateway: Gateway, tls: TLSSettings) -> bytes:
-    """A DEVLIST request straight to the server gateway; whatever comes back."""
-    tcp = await trio.open_tcp_stream(gateway.address.host, gateway.address.port)
-    context = client_context(tls.cert, tls.key, tls.ca)
-    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
-    received = b""
-    try:
-        await stream.send_all(OP_REQ_DEVLIST)
-        while chunk := await stream.receive_some(65536):
-            received += chunk
-    except trio.BrokenResourceError:
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
-    return received
+    return await exchange(gateway.address, tls, OP_REQ_DEVLIST)
 
 
 async def assert_refused(
