@@ -17,13 +17,14 @@ import pytest
 import trio
 from cryptography import x509
 
+from gateway.client import ClientGateway
 from gateway.config import Address, AuditSettings, TLSSettings
 from gateway.logs import TextFormatter
 from gateway.server import ServerGateway
 from gateway.sim.server import SimServer, serve_sim
 
 from .badcerts import der, issue, san, subject_string
-from .pki import PKI, server_config
+from .pki import PKI, client_config, server_config
 from .tls_client import OP_REQ_DEVLIST, exchange
 
 
@@ -179,3 +180,38 @@ async def test_a_newline_in_an_identity_cannot_forge_a_log_line(
     end = next(line for line in lines if " session end " in line)
     assert f'peer="CN={escaped}"' in end
     assert all(escaped in line for line in about_peer)
+
+
+async def test_the_client_gateway_refuses_a_server_certificate_it_cannot_decode(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # OpenSSL checks the chain and the name (SAN DNS localhost); the subject is a
+    # TeletexString of bytes that are not text, which only the identity parser reads.
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost")])
+    server_tls = issue(
+        pki, tmp_path, "odd-server", extensions=(names,), patch=subject_string(0x14, b"\xff" * 4)
+    )
+    sim: SimServer = await nursery.start(partial(serve_sim, host="127.0.0.1", port=0))
+    server = ServerGateway(
+        replace(server_config(pki, Address(*sim.addresses[0])), tls=server_tls), strings=sim
+    )
+    server_address = Address(*(await nursery.start(server.serve))[0].socket.getsockname()[:2])
+    client = ClientGateway(client_config(pki, server_address))
+    local = Address(*(await nursery.start(client.serve))[0].socket.getsockname()[:2])
+    stream = await trio.open_tcp_stream(local.host, local.port)
+    with trio.fail_after(10):
+        await stream.send_all(OP_REQ_DEVLIST)
+        try:
+            answer = await stream.receive_some(65536)
+        except trio.BrokenResourceError:  # reset: the request was left unread
+            answer = b""
+        assert answer == b""  # closed, nothing relayed
+        await client.acceptor.wait_idle()
+    await stream.aclose()
+    assert (
+        client.metrics.registry.get_sample_value(
+            "usbip_gateway_identity_refusals_total", {"role": "client", "reason": "undecodable"}
+        )
+        == 1
+    )
+    assert client.acceptor.internal_errors == 0
