@@ -1,8 +1,10 @@
 """Access control in the server gateway: the live policy, device facts, decisions, audit.
 
 The policy file is reloaded atomically (a bad file keeps the old policy). Device facts
-come from DEVLIST records (the client's own lists, or one the gateway asks usbipd for)
-plus serial/manufacturer/product strings from sysfs. Every decision is audited.
+come from DEVLIST records plus serial/manufacturer/product strings from sysfs: for a
+DEVLIST, the reply being filtered; for an IMPORT, a listing the gateway asks usbipd for
+at that moment, never an earlier one (the bus id may hold another device by now). Every
+decision is audited and counted.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gateway.audit import AuditLog
 from gateway.facts import StringSource
 from gateway.policy import ClientFacts, Decision, DeviceFacts, Policy, PolicyError, Target
 from gateway.protocol import DeviceInfo, ExportedDevice, InterfaceInfo, OpStatus
 from gateway.reloading import FileSignatures
-from gateway.transport.tls import PeerIdentity
+from gateway.transport.identity import PeerIdentity
 
 log = logging.getLogger("gateway.access")
 
@@ -28,6 +30,8 @@ log = logging.getLogger("gateway.access")
 REFUSAL_STATUS = {Target.BLOCK: OpStatus.NA, Target.REJECT: OpStatus.NODEV}
 
 ALLOW_ALL_TEXT = "default allow\n"
+
+Request = Literal["devlist", "import"]
 
 
 class PolicyFile:
@@ -70,6 +74,9 @@ class PolicyFile:
 class Verdict:
     decision: Decision
     device: DeviceFacts | None
+    # The record of the fresh listing the decision was made on; the IMPORT reply must
+    # carry the same one. None: the device was not listed (decided without it).
+    listed: DeviceInfo | None = None
 
     @property
     def allowed(self) -> bool:
@@ -103,14 +110,13 @@ class AccessControl:
         strings: StringSource,
         audit: AuditLog,
         list_upstream: Callable[[], Awaitable[Sequence[ExportedDevice]]],
-        on_decision: Callable[[Target], None] | None = None,
+        on_decision: Callable[[Request, bool, str], None] | None = None,
     ) -> None:
         self.policy = policy
         self.strings = strings
         self.audit = audit
         self._list_upstream = list_upstream
-        self._on_decision = on_decision
-        self._known: dict[str, ExportedDevice] = {}  # by bus id, from every DEVLIST seen
+        self._on_decision = on_decision  # (request, allowed, bus id): for metrics
 
     def facts(self, device: ExportedDevice) -> DeviceFacts:
         return self._facts(device.info, device.interfaces)
@@ -125,22 +131,19 @@ class AccessControl:
             product=strings.product,
         )
 
-    def learn(self, devices: Sequence[ExportedDevice]) -> None:
-        for device in devices:
-            self._known[device.info.busid] = device
-
     def _decided(
         self,
         decision: Decision,
         *,
         identity: PeerIdentity,
         address: str,
-        request: str,
+        request: Request,
         busid: str,
         device: DeviceFacts | None,
+        listed: DeviceInfo | None = None,
     ) -> Verdict:
         if self._on_decision is not None:
-            self._on_decision(decision.target)
+            self._on_decision(request, decision.target is Target.ALLOW, busid)
         self.audit.record(
             "decision",
             request=request,
@@ -149,15 +152,15 @@ class AccessControl:
             device=device_summary(device, busid),
             decision=decision.target.name.lower(),
             rule=rule_summary(decision),
+            reason=decision.reason,
             policy_generation=self.policy.generation,
         )
-        return Verdict(decision, device)
+        return Verdict(decision, device, listed)
 
     def visible(
         self, identity: PeerIdentity, address: str, devices: Sequence[ExportedDevice]
     ) -> tuple[ExportedDevice, ...]:
         """The DEVLIST entries this client may see: allowed and blocked ones."""
-        self.learn(devices)
         client = ClientFacts.from_identity(identity)
         policy = self.policy.policy
         shown = []
@@ -176,7 +179,11 @@ class AccessControl:
         return tuple(shown)
 
     async def judge_import(self, identity: PeerIdentity, address: str, busid: str) -> Verdict:
-        """Decide an IMPORT; asks usbipd for a DEVLIST only when the facts matter."""
+        """Decide an IMPORT on the device as usbipd lists it now.
+
+        Only a decision the client and bus id alone settle for good is made without
+        asking usbipd: a refusal is then the same whether the device exists or not.
+        """
         client = ClientFacts.from_identity(identity)
         policy = self.policy.policy
         where: dict[str, Any] = {
@@ -186,27 +193,56 @@ class AccessControl:
             "busid": busid,
         }
         early = policy.decide_early(client, busid)
-        if early is not None:
+        if early is not None and (not early.allowed or self.policy.path is None):
+            # A refusal, or an allowance no reload can ever take back: the device's
+            # facts would change nothing.
             return self._decided(early, **where, device=None)
-        exported = self._known.get(busid)
-        if exported is None:
-            self.learn(await self._list_upstream())
-            exported = self._known.get(busid)
-        if exported is None:
-            # Not exported (or in use and never listed): nothing to decide on, so the
-            # answer is the one for a device that does not exist.
+        # Asked even when allowed by bus id: a policy reload judges the session again on
+        # the device's own facts, and the IMPORT reply is checked against this record.
+        listed = next((d for d in await self._list_upstream() if d.info.busid == busid), None)
+        if listed is None:
+            if early is not None:
+                # Allowed whatever is there; usbipd answers for what is not (in use, gone).
+                return self._decided(early, **where, device=None)
+            # Not exported (or in use): nothing to decide on, so the answer is the one
+            # for a device that does not exist.
             decision = Decision(Target.REJECT, None, f"bus id {busid} is not exported")
             return self._decided(decision, **where, device=None)
-        facts = self.facts(exported)
-        decision = policy.decide(client, facts)
-        return self._decided(decision, **where, device=facts)
+        facts = self.facts(listed)
+        decision = early if early is not None else policy.decide(client, facts)
+        return self._decided(decision, **where, device=facts, listed=listed.info)
+
+    def changed_device(
+        self, identity: PeerIdentity, address: str, verdict: Verdict, imported: DeviceInfo
+    ) -> Verdict:
+        """An IMPORT reply whose record is not the one the decision was made on: the
+        bus id holds another device (or the same one re-enumerated). Refused, audited."""
+        decision = Decision(
+            Target.REJECT,
+            None,
+            f"the device at bus id {imported.busid} changed between the listing and the import",
+        )
+        log.warning(
+            "refusing the import of %s by %s: %s (listed %s, imported %s)",
+            imported.busid,
+            identity,
+            decision.reason,
+            verdict.listed,
+            imported,
+        )
+        return self._decided(
+            decision,
+            identity=identity,
+            address=address,
+            request="import",
+            busid=imported.busid,
+            device=self._facts(imported, ()),
+        )
+
+    def record_facts(self, info: DeviceInfo) -> DeviceFacts:
+        """Facts from an IMPORT reply's record alone (it carries no interfaces)."""
+        return self._facts(info, ())
 
     def recheck(self, identity: PeerIdentity, device: DeviceFacts) -> Decision:
         """The current policy's word on a session already attached."""
         return self.policy.policy.decide(ClientFacts.from_identity(identity), device)
-
-    def imported_facts(self, info: DeviceInfo) -> DeviceFacts:
-        """Facts from an IMPORT reply's record, with interfaces from the last DEVLIST."""
-        known = self._known.get(info.busid)
-        interfaces = known.interfaces if known is not None and known.info == info else ()
-        return self._facts(info, interfaces)

@@ -22,6 +22,7 @@ from gateway.reloading import watch_tls
 from gateway.serving import Acceptor, Slot
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.identity import IdentityRefused
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
@@ -143,7 +144,15 @@ class ClientGateway:
                 )
                 await trio.aclose_forcefully(stream)
                 return
-            session.peer = str(peer_identity(upstream))
+            try:
+                session.peer = str(peer_identity(upstream))
+            except IdentityRefused as exc:
+                # Only an undecodable certificate: a server's may be a CA's (the client
+                # checks it names the server, which is what matters here).
+                self.metrics.identity_refused(exc.reason)
+                session.outcome = f"TLS to {self.config.server} failed: {exc}"
+                await trio.aclose_forcefully(upstream)
+                return
             session.transport = transport_name(upstream.transport_stream)
             link = compress_if_negotiated(
                 upstream, level=self.config.compression.level, on_bytes=self.metrics.compressed

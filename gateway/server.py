@@ -44,6 +44,7 @@ from gateway.reloading import watch, watch_tls
 from gateway.serving import Acceptor, Slot
 from gateway.session import Session
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.identity import IdentityRefused, PeerIdentity, client_identity
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
@@ -53,10 +54,9 @@ from gateway.transport.sockets import (
 )
 from gateway.transport.tls import (
     HandshakeFailed,
-    PeerIdentity,
     ReloadableContext,
     handshake,
-    peer_identity,
+    peer_certificate,
 )
 from gateway.usbip_client import list_devices
 
@@ -106,12 +106,16 @@ class ServerGateway:
         # Where usbip-host's devices are visible, URBs are framed by their own sysfs.
         self.layouts = layouts or (SysfsLayout(sysfs) if sysfs is not None else None)
         self.audit = audit or AuditLog(config.audit.path)
+        self.metrics = GatewayMetrics.for_server(config)
         self.access = AccessControl(
-            PolicyFile(config.policy.file), strings, self.audit, self._list_upstream
+            PolicyFile(config.policy.file),
+            strings,
+            self.audit,
+            self._list_upstream,
+            on_decision=self.metrics.record_policy_decision,
         )
         self.sessions: dict[int, Session] = {}
         self.attached: dict[int, Attached] = {}
-        self.metrics = GatewayMetrics.for_server(config)
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
         self.acceptor = Acceptor(
@@ -207,7 +211,10 @@ class ServerGateway:
         if not slot.promote():  # every session place taken meanwhile (counted, logged)
             await trio.aclose_forcefully(tls_stream)
             return
-        identity = peer_identity(tls_stream)
+        identity = self._identify(tls_stream, address)
+        if identity is None:
+            await trio.aclose_forcefully(tls_stream)
+            return
         session = Session("server", str(identity), address, time.time())
         session.transport = transport_name(stream)
         client = compress_if_negotiated(
@@ -241,6 +248,29 @@ class ServerGateway:
                 duration_seconds=round(time.time() - session.started, 3),
             )
             del self.sessions[session.id]
+
+    def _identify(self, stream: trio.SSLStream[Any], address: str) -> PeerIdentity | None:
+        """The client's identity, or None (logged, audited, counted) if its certificate
+        is not one: before a session exists, so nothing of it reaches usbipd."""
+        try:
+            return client_identity(peer_certificate(stream))
+        except IdentityRefused as exc:
+            self.metrics.identity_refused(exc.reason)
+            log.warning(
+                "refused the client certificate from %s (sha256 %s): %s: %s",
+                address,
+                exc.fingerprint_sha256,
+                exc.reason,
+                exc.detail,
+            )
+            self.audit.record(
+                "identity_refused",
+                address=address,
+                reason=exc.reason,
+                detail=exc.detail,
+                fingerprint_sha256=exc.fingerprint_sha256,
+            )
+            return None
 
     async def wait_idle(self) -> None:
         """Until no connection is open (each one logged, audited and counted)."""
@@ -291,8 +321,10 @@ class ServerGateway:
             assert isinstance(reply.event, OpReplyDevlist)
             devices = reply.event.devices
             shown = self.access.visible(identity, session.address, devices)
-            data = reply.raw if shown == devices else splice.replace(reply, OpReplyDevlist(shown))
-            await client.send_all(data)
+            # Encoded afresh even when nothing was left out: whatever quirk usbipd's own
+            # bytes have, a hidden device and an absent one give the same reply.
+            ok = reply.event.status == OpStatus.OK
+            await client.send_all(splice.replace(reply, OpReplyDevlist(shown)) if ok else reply.raw)
             session.outcome = f"listed {len(shown)} of {len(devices)} devices"
 
         refusal = OpReplyDevlist(status=OpStatus.ERROR)
@@ -325,12 +357,18 @@ class ServerGateway:
             if reply.event.device is None:
                 await client.send_all(reply.raw)  # usbipd's own refusal, as it is
                 return
-            facts = self._confirm(verdict, identity, reply)
+            facts = self._confirm(verdict, identity, session, reply)
+            refusal = None
             if facts is None:
-                session.outcome = "device changed between decision and import; now denied"
-                return  # closing usbipd's socket frees the device
-            if not self._load_layout(splice, reply.event.device):
-                session.outcome = "device layout in sysfs unreadable or not the imported device"
+                refusal = "device changed between decision and import; refused"
+            elif not self._load_layout(splice, reply.event.device):
+                refusal = "device layout in sysfs unreadable or not the imported device"
+            if facts is None or refusal is not None:
+                session.outcome = refusal or "refused"
+                # Answered as a device that is not there; closing usbipd's socket (on
+                # return) frees the device. Not through the splice: it has seen usbipd's
+                # OK, and nothing more goes through this session.
+                await client.send_all(OpReplyImport(OpStatus.NODEV).encode())
                 return
             await client.send_all(reply.raw)
             await self._attached_relay(
@@ -381,25 +419,23 @@ class ServerGateway:
             await close_all(client, upstream)
 
     def _confirm(
-        self, verdict: Verdict, identity: PeerIdentity, reply: Frame
+        self, verdict: Verdict, identity: PeerIdentity, session: Session, reply: Frame
     ) -> DeviceFacts | None:
-        """The facts of the device usbipd actually handed over, if still allowed."""
+        """The facts of the device usbipd handed over, if it is the one decided on."""
         assert isinstance(reply.event, OpReplyImport)
         assert reply.event.device is not None
         info = reply.event.device
-        decided = verdict.device
-        if decided is not None and (decided.vendor_id, decided.product_id, decided.busid) == (
-            info.id_vendor,
-            info.id_product,
-            info.busid,
-        ):
-            return decided
-        facts = self.access.imported_facts(info)
-        if decided is None and verdict.allowed:
-            # Allowed without looking at the device (e.g. by client and bus id alone).
-            return facts
-        decision = self.access.recheck(identity, facts)
-        return facts if decision.target is Target.ALLOW else None
+        if verdict.listed is not None and verdict.device is not None:
+            # The whole 312-byte record: ids, class, bus and device numbers (a replugged
+            # device is enumerated anew), configuration, number of interfaces.
+            if info == verdict.listed:
+                return verdict.device
+        elif info.busid == session.busid:
+            # Allowed by client and bus id alone, and not in usbipd's listing (it was in
+            # use, or freed since): whatever device this is, the policy allows it.
+            return self.access.record_facts(info)
+        self.access.changed_device(identity, session.address, verdict, info)
+        return None
 
     def _load_layout(self, splice: Splice, device: DeviceInfo) -> bool:
         """Tie the device's endpoint layout, as usbcore here holds it, to this session.

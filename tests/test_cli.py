@@ -136,7 +136,7 @@ def test_three_processes_from_config_and_flags(
     assert "reloaded TLS certificates (generation 2)" in server_log
     # One log line per session, with the client's identity and the outcome.
     assert re.search(r"session end .*peer=CN=test-client .*request=devlist", server_log)
-    assert "outcome='listed 3 of 3 devices'" in server_log
+    assert 'outcome="listed 3 of 3 devices"' in server_log
 
 
 def test_config_error_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,7 +22,9 @@ from gateway.protocol import (
     CmdSubmit,
     Direction,
     IsoPacket,
+    OpReplyImport,
     OpRequestImport,
+    OpStatus,
     RetSubmit,
 )
 from gateway.server import ServerGateway
@@ -145,7 +147,8 @@ async def test_a_bus_id_now_of_another_device_refuses_the_import(
     stream = await rig.connect()
     with caplog.at_level(logging.WARNING, "gateway.server"):
         await stream.send_all(OpRequestImport(BUSID).encode())
-        assert await closed(stream)  # no IMPORT reply reaches the client
+        assert await receive_exactly(stream, 8) == OpReplyImport(OpStatus.NODEV).encode()
+        assert await closed(stream)  # answered as an absent device
         await trio.aclose_forcefully(stream)
         await rig.server.wait_idle()
     assert "sysfs descriptors unreadable or of another device" in caplog.text

@@ -15,12 +15,12 @@ import trio.testing
 import trustme
 
 from gateway import certificates
+from gateway.transport.identity import PeerIdentity
 from gateway.transport.tls import (
     ALPN_PLAIN,
     ALPN_ZSTD,
     HANDSHAKE_REASONS,
     HandshakeFailed,
-    PeerIdentity,
     ReloadableContext,
     TLSConfigError,
     client_context,

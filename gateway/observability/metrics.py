@@ -36,6 +36,7 @@ from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus
 from gateway.serving import REFUSAL_LIMITS, RefusalLimit
 from gateway.session import Session
+from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
 from .rtt import BUCKETS
@@ -173,6 +174,14 @@ class GatewayMetrics:
             registry=registry,
         )
         self._handshake_failures = {r: failures.labels(role, r) for r in HANDSHAKE_REASONS}
+        identities = Counter(
+            f"{p}identity_refusals",
+            "Peers whose verified certificate is not an identity (a CA certificate, or "
+            "one the identity parser cannot decode), by bounded reason.",
+            ["role", "reason"],
+            registry=registry,
+        )
+        self._identity_refusals = {r: identities.labels(role, r) for r in IDENTITY_REFUSALS}
 
         sessions = Counter(
             f"{p}sessions",
@@ -325,6 +334,9 @@ class GatewayMetrics:
 
     def http_connection_closed(self, reason: HttpCloseReason) -> None:
         self._http_closed[reason].inc()
+
+    def identity_refused(self, reason: IdentityRefusal) -> None:
+        self._identity_refusals[reason].inc()
 
     def upstream_connected(self) -> None:
         self._upstream_up.set(1)

@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.x509 import load_pem_x509_certificate
 
-from gateway.transport.tls import PeerIdentity
+from gateway.transport.identity import PeerIdentity
 
 from .conditions import Target
 from .engine import Policy

@@ -99,7 +99,7 @@ class DeviceFacts:
 
 
 class Identity(Protocol):
-    """What `from_identity` reads; `gateway.transport.tls.PeerIdentity` has it."""
+    """What `from_identity` reads; `gateway.transport.identity.PeerIdentity` has it."""
 
     @property
     def common_name(self) -> str | None: ...

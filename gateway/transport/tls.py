@@ -11,15 +11,12 @@ import contextlib
 import os
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import trio
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
-from gateway.certificates import fingerprint_sha256
+from gateway.transport.identity import PeerIdentity, identity_from_der
 
 ALPN_PLAIN = "usbip-gw/1"
 ALPN_ZSTD = "usbip-gw/1+zstd"
@@ -206,60 +203,22 @@ class ReloadableContext:
 # --- peer identity -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeerIdentity:
-    """What the policy can match about a verified peer."""
-
-    common_name: str | None
-    uris: tuple[str, ...]
-    dns_names: tuple[str, ...]
-    fingerprint_sha256: str
-    serial: int
-
-    @classmethod
-    def from_certificate(cls, cert: x509.Certificate) -> PeerIdentity:
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            san = x509.SubjectAlternativeName([])
-        return cls(
-            common_name=str(cns[0].value) if cns else None,
-            uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
-            dns_names=tuple(san.get_values_for_type(x509.DNSName)),
-            fingerprint_sha256=fingerprint_sha256(cert),
-            serial=cert.serial_number,
-        )
-
-    def __str__(self) -> str:
-        if self.uris:
-            return self.uris[0]
-        if self.common_name:
-            return f"CN={self.common_name}"
-        return f"sha256:{self.fingerprint_sha256[:16]}"
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "common_name": self.common_name,
-            "uris": list(self.uris),
-            "dns_names": list(self.dns_names),
-            "fingerprint_sha256": self.fingerprint_sha256,
-            # Hex string: serials are up to 159 bits, beyond what JSON numbers carry safely.
-            "serial": f"{self.serial:x}",
-        }
+def peer_certificate(stream: trio.SSLStream[Any]) -> bytes:
+    """The peer's verified certificate (DER); call after the handshake."""
+    der: bytes | None = stream.getpeercert(binary_form=True)
+    if der is None:
+        raise ValueError("peer presented no certificate")
+    return der
 
 
 def peer_identity(stream: trio.SSLStream[Any]) -> PeerIdentity:
-    """The identity in the peer's verified certificate; call after the handshake.
+    """The identity in the peer's verified certificate; IdentityRefused if it has none.
 
     Parsed from the DER form with `cryptography`: one parse gives the fingerprint, the
     serial and every SAN as typed values, where `getpeercert()`'s dict form has only
     display strings.
     """
-    der: bytes | None = stream.getpeercert(binary_form=True)
-    if der is None:
-        raise ValueError("peer presented no certificate")
-    return PeerIdentity.from_certificate(x509.load_der_x509_certificate(der))
+    return identity_from_der(peer_certificate(stream))
 
 
 def negotiated_alpn(stream: trio.SSLStream[Any]) -> str | None:
