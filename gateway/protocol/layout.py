@@ -40,6 +40,7 @@ _SET_INTERFACE_TYPE = 0x01
 
 #: Absent: the device has no such endpoint in any possible state.
 ABSENT = None
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class DeviceLayout:
         self._active: set[int] = {configuration_value}
         # Possible alt settings per (configuration, interface); missing means "any".
         self._alts: dict[tuple[int, int], set[int]] = {}
-        self._cache: dict[tuple[int, Direction], TransferType | None] = {}
+        self._cache: dict[int, TransferType | None] = {}
         self.authoritative = False  # loaded from the device's own sysfs
 
     # -- what the codec asks
@@ -80,11 +81,10 @@ class DeviceLayout:
         the gateway cannot tell (not learned yet, or different in possible states)."""
         if ep == 0:
             return TransferType.CONTROL
-        key = (ep, direction)
-        try:
-            return self._cache[key]
-        except KeyError:
-            pass
+        key = ep << 1 | direction  # ints: an Enum's hash is Python code, and this is per URB
+        kind = self._cache.get(key, _MISSING)
+        if kind is not _MISSING:
+            return kind  # type: ignore[return-value]
         kinds: set[TransferType | None] = set()
         for value in self._active:
             kinds |= self._kinds_in(value, ep, direction)

@@ -36,6 +36,9 @@ from .events import (
 from .layout import DeviceLayout, LayoutChange, layout_change
 from .records import DeviceInfo
 
+# number_of_packets of a non-isochronous URB: Linux vhci's 0, or usbip-win2's -1.
+_NO_ISO = frozenset((0, NO_ISO_PACKETS))
+
 
 class Role(enum.Enum):
     CLIENT = "client"  # the importer: `usbip`, vhci-hcd
@@ -128,27 +131,37 @@ class ProtocolState:
         """Why usbip-host might cut this CMD_SUBMIT otherwise than the header suggests
         (None if it cannot), and whether it carries ISO descriptors (stub_rx.c)."""
         kind = self.layout.transfer_type(ep, direction)
+        np = number_of_packets
+        iso = kind is TransferType.ISOCHRONOUS
+        if iso:
+            fits = 0 < np <= self.limits.max_iso_packets
+        else:  # runs for every URB: no message is built unless it is needed
+            fits = kind is not None and kind is not TransferType.UNKNOWN and np in _NO_ISO
+        if fits and not (flags & URB_DMA_MAP_SG and length == 0):
+            return None, iso
+        return self._framing_reason(kind, ep, direction, np), iso
+
+    def _framing_reason(
+        self, kind: TransferType | None, ep: int, direction: Direction, np: int
+    ) -> str:
         where = f"endpoint {ep} {direction.name}"
         if kind is None:
-            return f"{where} does not exist on the device (usbip-host would read no payload)", False
+            return f"{where} does not exist on the device (usbip-host would read no payload)"
         if kind is TransferType.UNKNOWN:
             return (
                 f"the type of {where} is not known for certain (descriptors not seen, or "
                 "a configuration or alt setting change not settled)"
-            ), False
-        np = number_of_packets
+            )
         if kind is TransferType.ISOCHRONOUS:
+            shown = np if np != NO_ISO_PACKETS else -1
             if not 0 < np <= self.limits.max_iso_packets:
-                shown = np if np != NO_ISO_PACKETS else -1
                 return (
                     f"{shown} ISO packets on isochronous {where} is outside "
                     f"1..{self.limits.max_iso_packets}"
-                ), True
-        elif np not in (0, NO_ISO_PACKETS):
-            return f"number_of_packets {np} on {kind.name.lower()} {where}", False
-        if flags & URB_DMA_MAP_SG and length == 0:
-            return "a scatter-gather URB with no buffer (usbip-host drops the connection)", False
-        return None, kind is TransferType.ISOCHRONOUS
+                )
+        elif np not in _NO_ISO:
+            return f"number_of_packets {np} on {kind.name.lower()} {where}"
+        return "a scatter-gather URB with no buffer (usbip-host drops the connection)"
 
     def apply(self, sender: Role, event: Event, error: type[ProtocolError]) -> PendingUrb | None:
         """Check `event` from `sender` against the state and advance it.
