@@ -154,6 +154,7 @@ def forward_blocking(
             observe(sender, frame, now)
 
     clock = time.perf_counter
+    buffered = splice.buffered
     while True:
         data = source.recv()
         now = clock()
@@ -161,8 +162,8 @@ def forward_blocking(
             activity.at = now
         with lock:
             out, closed, error = cut_frames(splice, sender, data, observe_shared, now)
-            held = splice.buffered(sender)
-        if holding is not None:
+            held = buffered(sender)
+        if holding is not None and held != holding.held:  # whole frames: nothing to do
             holding.update(held)
         if out:
             sink.send(out)
