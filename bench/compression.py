@@ -77,8 +77,6 @@ def workload(mib: int, seed: int = 1) -> list[bytes]:
 
 
 async def serve_gateways(sim_port: int, algorithm: str, level: int, pki_dir: Path) -> None:
-    from gateway.certificates import make_demo_pki  # noqa: PLC0415 - child process only
-    from gateway.client import ClientGateway  # noqa: PLC0415
     from gateway.config import (  # noqa: PLC0415
         Address,
         ClientConfig,
@@ -86,7 +84,9 @@ async def serve_gateways(sim_port: int, algorithm: str, level: int, pki_dir: Pat
         ServerConfig,
         TLSSettings,
     )
-    from gateway.server import ServerGateway  # noqa: PLC0415
+    from gateway.edges.client_gateway import ClientGateway  # noqa: PLC0415
+    from gateway.edges.server_gateway import ServerGateway  # noqa: PLC0415
+    from gateway.pki.ca import make_demo_pki  # noqa: PLC0415 - child process only
 
     paths = make_demo_pki(pki_dir, force=True)
     compression = CompressionSettings(algorithm, level)  # type: ignore[arg-type]
@@ -202,7 +202,7 @@ class Run:
 
 async def one_run(port: int, blocks: list[bytes]) -> float:
     from gateway.protocol import Direction  # noqa: PLC0415
-    from gateway.usbip_client import import_device  # noqa: PLC0415
+    from gateway.usbip.importer import import_device  # noqa: PLC0415
 
     device = await import_device(await trio.open_tcp_stream("127.0.0.1", port), LOOPBACK_BUSID)
     async with trio.open_nursery() as nursery:

@@ -9,7 +9,7 @@ pair. Also two bench-only programs run as children:
 
 `sim` is the simulator with N Gadget Zero source/sink devices (bus ids 1-1 .. 1-100,
 2-1 ...; pattern mod 63, so the sink checks every byte written). `plain` is one
-gateway's relay (`gateway.relay.relay` with a `Splice`: every frame parsed and checked)
+gateway's relay (`gateway.relay.pumps.relay` with a `Splice`: every frame parsed and checked)
 over plain TCP, with no TLS and no policy: the parsing cost alone. It exists only here.
 """
 
@@ -353,9 +353,9 @@ async def _serve_sim(devices: int, host: str, port: int) -> None:
 
 
 async def _serve_plain(listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+    from gateway.accounting.session import Session  # noqa: PLC0415
     from gateway.protocol import Splice  # noqa: PLC0415
-    from gateway.relay import relay  # noqa: PLC0415
-    from gateway.session import Session  # noqa: PLC0415
+    from gateway.relay.pumps import relay  # noqa: PLC0415
 
     async def handle(stream: trio.SocketStream) -> None:
         try:

@@ -231,7 +231,7 @@ async def many_sessions(opts: Options, path: Path_, fig: PathFigures) -> None:
 
 
 async def bench(opts: Options, say: Callable[[str], None]) -> dict[str, PathFigures]:
-    from gateway.certificates import make_demo_pki  # noqa: PLC0415
+    from gateway.pki.ca import make_demo_pki  # noqa: PLC0415
 
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:

@@ -14,17 +14,17 @@ from typing import Any
 import trio
 
 from gateway import __version__
-from gateway.agent import run_companions
-from gateway.certificates import add_certs_parser
-from gateway.client import ClientGateway
+from gateway.companions.agent import run_companions
+from gateway.companions.discovery import add_discover_parser
 from gateway.config import DATA_PLANES, ClientConfig, ConfigError, ServerConfig, load
-from gateway.discovery import add_discover_parser
-from gateway.fd_limit import FdLimitError, fit_fd_limit
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.fd_limit import FdLimitError, fit_fd_limit
+from gateway.edges.reloading import reload_tls
+from gateway.edges.server_gateway import ServerGateway
 from gateway.logs import setup_logging
+from gateway.pki.cli import add_certs_parser
 from gateway.policy import PolicyError
 from gateway.policy.cli import add_policy_parser
-from gateway.reloading import reload_tls
-from gateway.server import ServerGateway
 from gateway.sim.cli import add_sim_parser
 from gateway.transport.tls import TLSConfigError
 

@@ -19,8 +19,6 @@ from typing import Any
 
 import trio
 
-from gateway.certificates import PKIError, make_demo_pki
-from gateway.client import ClientGateway
 from gateway.config import (
     Address,
     ClientConfig,
@@ -29,12 +27,14 @@ from gateway.config import (
     TLSSettings,
     TransportSettings,
 )
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.server_gateway import ServerGateway
 from gateway.logs import setup_logging
+from gateway.pki.ca import PKIError, make_demo_pki
 from gateway.protocol import ECONNRESET, Direction
-from gateway.server import ServerGateway
 from gateway.sim.device import SimDevice
 from gateway.sim.server import SimServer, serve_sim
-from gateway.usbip_client import import_device, list_devices
+from gateway.usbip.importer import import_device, list_devices
 
 log = logging.getLogger("gateway.demo")
 

@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from gateway.certificates import Issued, write_issued
 from gateway.config import TLSSettings
+from gateway.pki.ca import Issued, write_issued
 
-from .pki import PKI
+from .pkitools import PKI
 
 PLACEHOLDER_CN = "ZZZZ"  # a UTF8String of 4 bytes that `patch` may swap for another
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .pki import PKI, make_pki
+from .pkitools import PKI, make_pki
 
 
 @pytest.fixture

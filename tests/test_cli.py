@@ -17,7 +17,7 @@ import pytest
 from gateway.cli import main
 from gateway.protocol import OpStatus
 
-from .pki import PKI
+from .pkitools import PKI
 
 READY = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT = 30.0

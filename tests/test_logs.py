@@ -62,7 +62,7 @@ def test_the_original_record_is_left_alone() -> None:
 
 
 def fail_with_peer_text() -> None:
-    raise ValueError("peer said\n2026-01-01 00:00:00,000 INFO gateway.server: forged")
+    raise ValueError("peer said\n2026-01-01 00:00:00,000 INFO gateway.edges.server_gateway: forged")
 
 
 def test_a_traceback_keeps_its_lines_indented() -> None:

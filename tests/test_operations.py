@@ -10,14 +10,14 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.certificates import Issued, issue_client_cert, write_issued
 from gateway.config import TransportSettings
 from gateway.demo import Stack, start_stack
+from gateway.pki.ca import Issued, issue_client_cert, write_issued
 from gateway.protocol import CmdSubmit, Direction
 from gateway.transport.tls import client_context
-from gateway.usbip_client import import_device, list_devices
+from gateway.usbip.importer import import_device, list_devices
 
-from .pki import PKI
+from .pkitools import PKI
 
 
 async def _stack(pki: PKI, nursery: trio.Nursery, data_plane: str = "threads") -> Stack:

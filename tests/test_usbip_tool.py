@@ -8,9 +8,9 @@ import pytest
 import trio
 
 from gateway.demo import start_stack
-from gateway.usbip_client import import_device
+from gateway.usbip.importer import import_device
 
-from .pki import PKI
+from .pkitools import PKI
 
 pytestmark = pytest.mark.tools
 

@@ -31,16 +31,15 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
-from gateway.buffer_budget import BufferBudget
+from gateway.accounting.rtt import BUCKETS
+from gateway.accounting.series import DeviceLabeler, SeriesTable, SessionMeter
+from gateway.accounting.session import Session
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
+from gateway.edges.acceptor import REFUSAL_LIMITS, RefusalLimit
 from gateway.protocol import DeviceInfo, OpStatus
-from gateway.serving import REFUSAL_LIMITS, RefusalLimit
-from gateway.session import Session
+from gateway.relay.budget import BufferBudget
 from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
-
-from .rtt import BUCKETS
-from .series import DeviceLabeler, SeriesTable, SessionMeter
 
 PREFIX = "usbip_gateway_"
 GatewayRole = Literal["server", "client"]

@@ -1,7 +1,8 @@
 """Per-device access policy: a USBGuard-style rule language over client and device facts.
 
-The engine is pure (no I/O, no clock); `gateway.facts` reads the device strings and `cli` is the
-`policy check` / `policy explain` command. The language is described in docs/policy.md.
+The engine is pure (no I/O, no clock); `gateway.edges.device_facts` reads the device
+strings and `cli` is the `policy check` / `policy explain` command. The language is
+described in docs/policy.md.
 """
 
 from .conditions import Operator, Target

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from ..facts import DeviceStrings, publish_sysfs
+from ..edges.device_facts import DeviceStrings, publish_sysfs
 from ..protocol import (
     DEFAULT_PORT,
     ECONNRESET,

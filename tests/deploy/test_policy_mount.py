@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gateway.access import PolicyFile
+from gateway.edges.access import PolicyFile
 from gateway.policy import Target
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ResourceLimits, ServerConfig, parse_address
-from gateway.fd_limit import needed_fds
+from gateway.edges.fd_limit import needed_fds
 
 from .helpers import DEPLOY, SYSTEMD, need_tool, shutdown_timeout
 

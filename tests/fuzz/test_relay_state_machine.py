@@ -35,18 +35,18 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from gateway.client import ClientGateway
+from gateway.accounting.session import Session
 from gateway.config import Address
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import ECONNRESET, Direction, Setup
-from gateway.server import ServerGateway
-from gateway.session import Session
 from gateway.sim.catalog import make_devices
 from gateway.sim.gadget_zero import REQ_CTRL_READ, REQ_CTRL_WRITE
 from gateway.sim.server import SimServer, serve_sim
-from gateway.usbip_client import Completion, ImportedDevice, import_device
+from gateway.usbip.importer import Completion, ImportedDevice, import_device
 
 from ..hostile.usbipd import Tracker
-from ..pki import PKI, client_config, make_pki, server_config
+from ..pkitools import PKI, client_config, make_pki, server_config
 
 T = TypeVar("T")
 EXAMPLES = int(os.environ.get("USBIP_GW_RELAY_EXAMPLES", "25"))

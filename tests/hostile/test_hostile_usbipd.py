@@ -20,8 +20,9 @@ from functools import partial
 import pytest
 import trio
 
-from gateway.client import ClientGateway
 from gateway.config import Address, ServerConfig
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import (
     CmdSubmit,
     Connection,
@@ -41,12 +42,11 @@ from gateway.protocol import (
 )
 from gateway.protocol.constants import OP_HEADER, URB_HEADER_SIZE
 from gateway.protocol.descriptors import DESC_CONFIGURATION, GET_DESCRIPTOR, SET_CONFIGURATION
-from gateway.server import ServerGateway
 from gateway.sim.catalog import make_devices
 from gateway.sim.server import SimServer, serve_sim
-from gateway.usbip_client import ImportedDevice, import_device, list_devices
+from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
-from ..pki import PKI, client_config, server_config
+from ..pkitools import PKI, client_config, server_config
 from .usbipd import (
     FakeUsbipd,
     Tracker,
@@ -337,7 +337,11 @@ async def test_broken_usbipd_ends_one_session_cleanly(
     assert pair.usbipd.scripted == 1
     await pair.quiet()
     assert open_fds() == baseline, "file descriptors leaked"
-    ends = [r for r in caplog.records if r.name == "gateway.server" and "session end" in r.msg]
+    ends = [
+        r
+        for r in caplog.records
+        if r.name == "gateway.edges.server_gateway" and "session end" in r.msg
+    ]
     broken = [
         r.getMessage()
         for r in ends

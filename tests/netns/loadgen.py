@@ -22,7 +22,7 @@ import sys
 import trio
 
 from gateway.protocol import Direction
-from gateway.usbip_client import import_device
+from gateway.usbip.importer import import_device
 
 BUSID = "1-2"
 ROUND_SIZE = 64 * 1024

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import pytest
 
-from ..pki import PKI
+from ..pkitools import PKI
 
 REPO = Path(__file__).resolve().parents[2]
 PATHS = (("10.77.1.1", "10.77.1.2"), ("10.77.2.1", "10.77.2.2"))  # (client, server) per path

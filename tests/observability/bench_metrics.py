@@ -22,12 +22,12 @@ from pathlib import Path
 
 import trio
 
+from gateway.accounting.series import DeviceLabeler, SeriesTable, SessionMeter
 from gateway.demo import start_stack
-from gateway.observability.series import DeviceLabeler, SeriesTable, SessionMeter
 from gateway.protocol import Direction, PendingUrb, RetSubmit, Setup, TransferType
-from gateway.usbip_client import import_device
+from gateway.usbip.importer import import_device
 
-from ..pki import make_pki
+from ..pkitools import make_pki
 
 SIZE = 64 * 1024
 DEPTH = 8

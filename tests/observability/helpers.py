@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.accounting.session import Session
 from gateway.config import MetricsSettings
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import (
@@ -19,7 +20,6 @@ from gateway.protocol import (
     Role,
     Splice,
 )
-from gateway.session import Session
 
 from ..protocol.helpers import config_descriptor, device, get_config_setup
 

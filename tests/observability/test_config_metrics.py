@@ -9,7 +9,7 @@ import pytest
 from gateway.cli import _overrides, build_parser
 from gateway.config import Address, ConfigError, MetricsSettings, client_config, merge
 
-from ..pki import PKI
+from ..pkitools import PKI
 
 
 def _client(pki: PKI, **metrics: Any) -> dict[str, Any]:

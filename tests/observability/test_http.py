@@ -12,12 +12,12 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.client import ClientGateway
 from gateway.config import Address, ClientConfig, MetricsSettings
+from gateway.edges.client_gateway import ClientGateway
 from gateway.observability.http import HttpEndpoint, HttpLimits, serve_http, start_http
 from gateway.observability.metrics import GatewayMetrics, UpstreamCheck
 
-from ..pki import PKI
+from ..pkitools import PKI
 
 LOOPBACK = "127.0.0.1"
 

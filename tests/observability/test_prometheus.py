@@ -26,15 +26,15 @@ import pytest
 import trio
 import trio.testing
 
+from gateway.accounting.series import DeviceLabeler
 from gateway.config import Address
 from gateway.demo import Stack, start_stack
 from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
-from gateway.observability.series import DeviceLabeler
 from gateway.protocol import ECONNRESET, Direction, Setup
-from gateway.usbip_client import ImportedDevice, import_device, list_devices
+from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
-from ..pki import PKI
+from ..pkitools import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "usbip-gateway.json"

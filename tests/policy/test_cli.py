@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.certificates import create_ca, issue_client_cert
+from gateway.pki.ca import create_ca, issue_client_cert
 from gateway.policy.cli import add_policy_parser, client_from_args
 
 LAB = """\

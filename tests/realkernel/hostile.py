@@ -24,7 +24,7 @@ import trio
 from gateway.protocol import Direction, UrbCommand
 from gateway.protocol.descriptors import GET_DESCRIPTOR, Setup
 from gateway.transport.tls import client_context
-from gateway.usbip_client import ImportedDevice, import_device
+from gateway.usbip.importer import ImportedDevice, import_device
 
 HEADER_SIZE = 48
 _SUBMIT = struct.Struct(">IIIIIIiiIi8s")

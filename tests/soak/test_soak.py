@@ -22,16 +22,16 @@ from functools import partial
 import pytest
 import trio
 
-from gateway.client import ClientGateway
 from gateway.config import Address
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import Direction
-from gateway.server import ServerGateway
 from gateway.sim.gadget_zero import Loopback
 from gateway.sim.server import SimServer, serve_sim
-from gateway.usbip_client import ImportedDevice, import_device
+from gateway.usbip.importer import ImportedDevice, import_device
 
 from ..hostile.usbipd import Tracker
-from ..pki import PKI, client_config, server_config
+from ..pkitools import PKI, client_config, server_config
 
 SOAK_SECONDS = float(os.environ.get("USBIP_GW_SOAK_SECONDS", "60"))
 SESSIONS = int(os.environ.get("USBIP_GW_SOAK_SESSIONS", "100"))

@@ -14,8 +14,8 @@ import pytest
 import trio
 import zstandard
 
+from gateway.accounting.session import Session
 from gateway.cli import _overrides, build_parser
-from gateway.client import ClientGateway
 from gateway.config import (
     Address,
     CompressionSettings,
@@ -25,17 +25,17 @@ from gateway.config import (
     load,
     server_config,
 )
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import CmdSubmit, Direction, OpRequestImport
-from gateway.server import ServerGateway
-from gateway.session import Session
 from gateway.sim.server import SimServer, serve_sim
 from gateway.transport import compression
 from gateway.transport.sockets import IPPROTO_MPTCP
 from gateway.transport.tls import ALPN_PLAIN, ALPN_ZSTD, client_context, negotiated_alpn
-from gateway.usbip_client import import_device
+from gateway.usbip.importer import import_device
 
-from .. import pki as pki_helpers
-from ..pki import PKI
+from .. import pkitools as pki_helpers
+from ..pkitools import PKI
 from .test_compression import text_like
 
 ZSTD = CompressionSettings("zstd", 3)
@@ -243,7 +243,7 @@ async def test_a_hostile_zstd_chunk_ends_only_its_own_session(
     tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
     hostile = compression.wrap(tls)
     received = pair.sim.bytes_received
-    with caplog.at_level(logging.INFO, "gateway.server"), trio.fail_after(10):
+    with caplog.at_level(logging.INFO, "gateway.edges.server_gateway"), trio.fail_after(10):
         await hostile.send_all(OpRequestImport("1-1").encode())
         reply = b""
         while len(reply) < 320:

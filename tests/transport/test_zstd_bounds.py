@@ -26,7 +26,7 @@ from gateway.transport.compression import (
     wrap,
 )
 
-from ..test_relay_threads import socket_streams, tls_contexts
+from ..relay.test_thread_pumps import socket_streams, tls_contexts
 
 KIB = 1024
 BURST = 200  # chunks in one write

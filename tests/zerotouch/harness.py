@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from gateway.config import Address
-from gateway.usbip_client import ImportedDevice, ImportRefused, import_device
+from gateway.usbip.importer import ImportedDevice, ImportRefused, import_device
 
 PORTS = 8
 HEADER = "hub port sta spd dev      sockfd local_busid\n"

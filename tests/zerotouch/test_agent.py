@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.agent import Agent, read_vhci
 from gateway.cli import build_parser
-from gateway.client import ClientGateway
+from gateway.companions.agent import Agent, read_vhci
+from gateway.companions.exporter import Exporter
 from gateway.config import (
     Address,
     AgentSettings,
@@ -27,13 +27,13 @@ from gateway.config import (
     ServerConfig,
     client_config,
 )
-from gateway.exporter import Exporter
+from gateway.edges.client_gateway import ClientGateway
+from gateway.edges.server_gateway import ServerGateway
 from gateway.observability.http import respond
-from gateway.server import ServerGateway
 from gateway.sim.catalog import make_devices
 from gateway.sim.server import SimServer, serve_sim
 
-from ..pki import PKI
+from ..pkitools import PKI
 from .fakes import FakeSysfs, FakeUsb
 from .harness import CuttableLink, FakeVhci
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import trio
 
-from gateway.agent import Agent
-from gateway.client import ClientGateway
+from gateway.companions.agent import Agent
 from gateway.config import Address, AgentSettings, ClientConfig
+from gateway.edges.client_gateway import ClientGateway
 from gateway.transport.tls import server_context
 
-from ..pki import PKI
+from ..pkitools import PKI
 
 
 async def test_link_broken_mid_list_is_a_failed_round(pki: PKI, tmp_path: Path) -> None:

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import trio
 
+from gateway.companions.discovery import (
+    SERVICE_TYPE,
+    Announcer,
+    announced_addresses,
+    browse,
+    service_info,
+)
 from gateway.config import Address, DiscoverySettings
-from gateway.discovery import SERVICE_TYPE, Announcer, announced_addresses, browse, service_info
 
 LOOPBACK = ("127.0.0.1",)
 WAIT = 30.0  # bound on the whole exchange; mDNS probing alone takes about 1.5 s

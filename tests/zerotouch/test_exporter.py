@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
+from gateway.companions.exporter import Exporter, UsbSysfs
 from gateway.config import ConfigError, ExporterSettings, server_config
-from gateway.exporter import Exporter, UsbSysfs
 
 from .fakes import FakeSysfs, FakeUsb, fake_usbip, recorded
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import trio
 
+from gateway.companions.exporter import Exporter
 from gateway.config import ExporterSettings
-from gateway.exporter import Exporter
 
 from .fakes import FakeSysfs, FakeUsb
 

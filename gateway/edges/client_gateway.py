@@ -1,0 +1,181 @@
+"""The client gateway: plain USB/IP on loopback in, mutual TLS to a server gateway out.
+
+The unmodified `usbip list/attach` tools and vhci-hcd talk to it as if it were usbipd.
+Each of their connections gets its own TLS connection, relayed frame by frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from gateway.accounting.session import Session
+from gateway.config import ClientConfig, is_loopback
+from gateway.edges.acceptor import Acceptor, Slot
+from gateway.edges.reloading import watch_tls
+from gateway.observability.http import start_http
+from gateway.observability.metrics import GatewayMetrics
+from gateway.protocol import Splice
+from gateway.relay.budget import BufferBudget
+from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, relay
+from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.identity import IdentityRefused
+from gateway.transport.names import local_name, peer_name
+from gateway.transport.sockets import (
+    TunedListener,
+    open_tcp,
+    open_tcp_listeners,
+    transport_name,
+)
+from gateway.transport.tls import (
+    HandshakeFailed,
+    ReloadableContext,
+    handshake,
+    peer_identity,
+)
+
+log = logging.getLogger("gateway.edges.client_gateway")
+
+
+class ClientGateway:
+    def __init__(self, config: ClientConfig, *, tls: ReloadableContext | None = None) -> None:
+        self.config = config
+        self.tls = tls or ReloadableContext.client(
+            config.tls.cert,
+            config.tls.key,
+            config.tls.ca,
+            min_version=config.tls.version,
+            crl=config.tls.crl,
+            alpn=alpn_protocols(config.compression.enabled),
+        )
+        self.sessions: dict[int, Session] = {}
+        self.metrics = GatewayMetrics.for_client(config)
+        self.buffers = BufferBudget(config.resources.max_buffered_bytes)
+        self.metrics.track_buffers(self.buffers)
+        self.acceptor = Acceptor(
+            "client gateway",
+            self.handle,
+            config.max_connections,
+            self.metrics.connection_refused,
+            max_handshakes=config.resources.max_handshakes,
+            max_handshakes_per_source=config.resources.max_handshakes_per_source,
+        )
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[TunedListener] = []
+        for address in self.config.listen:
+            if not is_loopback(address.host):
+                # Plain USB/IP has no authentication: say so loudly when exposed.
+                log.warning(
+                    "listening on non-loopback %s: anyone who reaches it can attach "
+                    "devices with this gateway's identity",
+                    address,
+                )
+            listeners.extend(await open_tcp_listeners(address.host, address.port))
+        for listener in listeners:
+            log.info(
+                "listening on %s (plain USB/IP), server gateway %s (TLS name %s)",
+                local_name(listener),
+                self.config.server,
+                self.config.server_name,
+            )
+        async with trio.open_nursery() as nursery:
+            await start_http(nursery, self.metrics)
+            if self.config.tls.watch:
+                nursery.start_soon(watch_tls, self.tls, self.config.tls)
+            await nursery.start(self.acceptor.run, listeners)
+            self.metrics.listening = True
+            task_status.started(listeners)
+
+    async def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let open sessions end (up to the shutdown timeout); True if
+        they all ended by themselves."""
+        return await self.acceptor.drain(
+            self.config.shutdown_timeout if timeout is None else timeout
+        )
+
+    async def connect(self) -> trio.SSLStream[trio.SocketStream]:
+        """A verified mutual-TLS connection to the server gateway."""
+        server = self.config.server
+        try:
+            tcp = await open_tcp(
+                server.host,
+                server.port,
+                connect_timeout=self.config.connect_timeout,
+                mptcp=self.config.transport.mptcp,
+            )
+        except (OSError, trio.TooSlowError):
+            self.metrics.upstream_connect_failed()
+            raise
+        self.metrics.upstream_connected()
+        stream = trio.SSLStream(tcp, self.tls.current, server_hostname=self.config.server_name)
+        try:
+            await handshake(stream, self.config.handshake_timeout)
+        except HandshakeFailed as exc:
+            self.metrics.handshake_failed(exc.reason)
+            await trio.aclose_forcefully(stream)
+            raise
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        self.metrics.handshake_succeeded()
+        return stream
+
+    async def handle(self, stream: trio.SocketStream, slot: Slot) -> None:
+        # Local USB/IP has no handshake: a session from the start.
+        if not slot.promote():
+            return
+        session = Session("client", "", peer_name(stream), time.time())
+        self.sessions[session.id] = session
+        self.metrics.session_started(session)
+        try:
+            try:
+                upstream = await self.connect()
+            except HandshakeFailed as exc:
+                session.outcome = f"TLS to {self.config.server} failed: {exc}"
+                await trio.aclose_forcefully(stream)
+                return
+            except (OSError, trio.TooSlowError) as exc:
+                session.outcome = (
+                    f"server gateway {self.config.server} unreachable: {exc or 'timeout'}"
+                )
+                await trio.aclose_forcefully(stream)
+                return
+            try:
+                session.peer = str(peer_identity(upstream))
+            except IdentityRefused as exc:
+                # Only an undecodable certificate: a server's may be a CA's (the client
+                # checks it names the server, which is what matters here).
+                self.metrics.identity_refused(exc.reason)
+                session.outcome = f"TLS to {self.config.server} failed: {exc}"
+                await trio.aclose_forcefully(upstream)
+                return
+            session.transport = transport_name(upstream.transport_stream)
+            link = compress_if_negotiated(
+                upstream, level=self.config.compression.level, on_bytes=self.metrics.compressed
+            )
+            session.compression = "none" if link is upstream else "zstd"
+            log.debug(
+                "session %d to %s: %s, compression %s",
+                session.id,
+                session.peer,
+                session.transport,
+                session.compression,
+            )
+            await relay(
+                Splice(self.config.limits),
+                stream,
+                link,
+                session,
+                threads=self.config.transport.data_plane == "threads",
+                budget=self.buffers,
+                idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
+            )
+        finally:
+            await close_all(stream)
+            del self.sessions[session.id]
+            self.metrics.session_ended(session)
+            log_session_end(log, session)

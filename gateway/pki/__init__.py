@@ -1,0 +1,1 @@
+"""Certificates: the CA, issuing, CRLs (`ca`), and the `certs` command (`cli`)."""

@@ -1,0 +1,390 @@
+"""Relaying one USB/IP connection between two Trio streams while parsing every frame.
+
+Two pumps share one `Splice`: each reads what its side sends, cuts it into frames,
+and forwards whole frames only, so nothing reaches the far side before it parsed and
+passed the checks. Backpressure is the send: a pump reads no more while the other end
+is not taking what it has.
+
+The pumps run in two blocking OS threads when both streams allow it (TCP, TLS over
+TCP; see `gateway.transport.blocking`), since each URB crosses a gateway twice and a
+thread wakeup costs far less than Trio's run loop per read, write and TLS record. Trio
+keeps the session: cancelling the relay wakes the threads by shutting the sockets down.
+Other streams (compression, memory streams in tests) are pumped by Trio tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+import trio
+
+from gateway.accounting.session import Session
+from gateway.logs import kv
+from gateway.protocol import (
+    ConnectionClosed,
+    Frame,
+    NeedData,
+    Phase,
+    ProtocolError,
+    Role,
+    Splice,
+)
+from gateway.relay.budget import BufferBudget, Holding, OverBudget
+from gateway.transport.blocking import AnyEndpoint, LinkBroken, endpoint
+from gateway.transport.direct import direct_io
+
+log = logging.getLogger("gateway.relay.pumps")
+
+RECEIVE_SIZE = 256 * 1024
+CLOSE_TIMEOUT = 2.0
+
+
+Observe = Callable[[Role, Frame, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class IdleTimeouts:
+    """Seconds without a byte either way after which a session is closed; None: never."""
+
+    op: float | None = None  # before a successful import (and after a DEVLIST)
+    attached: float | None = None  # the URB phase: a device may be idle legitimately
+
+
+class Activity:
+    """When the last byte arrived from either side (the pumps' clock)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
+def _over_budget(sender: Role, exc: OverBudget) -> str:
+    return f"over memory budget: the {sender.value} sent {exc}"
+
+
+def cut_frames(
+    splice: Splice, sender: Role, data: bytes | bytearray, observe: Observe, now: float
+) -> tuple[bytes, bool, ProtocolError | None]:
+    """Feed one read from `sender` to `splice` and account its whole frames.
+
+    Returns the bytes to forward (those frames, joined for one write: fewer syscalls
+    and TLS records), whether `sender` closed, and the error that stopped parsing, if
+    any: the frames before it still go through, as they would had they come earlier.
+    """
+    out: list[bytes] = []
+    closed = False
+    error: ProtocolError | None = None
+    next_frame = splice.next_frame
+    try:
+        splice.receive_data(sender, data)
+        while True:
+            frame = next_frame(sender)
+            if isinstance(frame, NeedData):
+                break
+            if isinstance(frame.event, ConnectionClosed):
+                closed = True
+                break
+            observe(sender, frame, now)
+            out.append(frame.raw)
+    except ProtocolError as exc:
+        error = exc
+    return (out[0] if len(out) == 1 else b"".join(out)), closed, error
+
+
+async def forward(
+    splice: Splice,
+    sender: Role,
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.SendStream,
+    session: Session,
+    *,
+    clock: Callable[[], float] = trio.current_time,
+    holding: Holding | None = None,
+    activity: Activity | None = None,
+) -> str:
+    """Pump one direction until `sender` closes; returns how it ended. `holding` counts
+    the partial frames held against the gateway's budget (OverBudget past it)."""
+    while True:
+        data = await source.receive_some(RECEIVE_SIZE)
+        now = clock()
+        if activity is not None:
+            activity.at = now
+        out, closed, error = cut_frames(splice, sender, data, session.observe, now)
+        if holding is not None:
+            holding.update(splice.buffered(sender))
+        if out:
+            await sink.send_all(out)
+        if error is not None:
+            raise error
+        if closed:
+            return f"closed by {sender.value}"
+
+
+# Sessions of one device share metric series: frames are accounted under one lock, and
+# parsed under their session's (both pumps of a session share its Splice).
+_ACCOUNTING_LOCK = threading.Lock()
+# Threads are bounded by the sessions the acceptor lets in, not by Trio's default 40.
+_THREADS = trio.CapacityLimiter(math.inf)
+
+
+def forward_blocking(
+    splice: Splice,
+    sender: Role,
+    source: AnyEndpoint,
+    sink: AnyEndpoint,
+    session: Session,
+    *,
+    lock: threading.Lock,
+    holding: Holding | None = None,
+    activity: Activity | None = None,
+) -> str:
+    """`forward` for a thread: blocking reads and writes, the same checks. `lock` guards
+    `splice` against the other direction's thread."""
+    observe = session.observe
+
+    def observe_shared(sender: Role, frame: Frame, now: float) -> None:
+        with _ACCOUNTING_LOCK:
+            observe(sender, frame, now)
+
+    clock = time.perf_counter
+    buffered = splice.buffered
+    while True:
+        data = source.recv()
+        now = clock()
+        if activity is not None:
+            activity.at = now
+        with lock:
+            out, closed, error = cut_frames(splice, sender, data, observe_shared, now)
+            held = buffered(sender)
+        if holding is not None and held != holding.held:  # whole frames: nothing to do
+            holding.update(held)
+        if out:
+            sink.send(out)
+        if error is not None:
+            raise error
+        if closed:
+            return f"closed by {sender.value}"
+
+
+async def _relay_in_threads(
+    splice: Splice,
+    ends: dict[Role, AnyEndpoint],
+    session: Session,
+    holdings: dict[Role, Holding | None],
+    activity: Activity,
+) -> str | None:
+    """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
+    outcomes: list[str] = []
+    guard = threading.Lock()
+    splice_lock = threading.Lock()
+
+    def pump(sender: Role) -> None:
+        source, sink = ends[sender], ends[sender.peer]
+        try:
+            outcome = forward_blocking(
+                splice,
+                sender,
+                source,
+                sink,
+                session,
+                lock=splice_lock,
+                holding=holdings[sender],
+                activity=activity,
+            )
+        except ProtocolError as exc:
+            outcome = f"protocol error from {sender.value}: {exc}"
+        except OverBudget as exc:
+            outcome = _over_budget(sender, exc)
+        except LinkBroken as exc:
+            outcome = f"connection lost: {exc}"
+        with guard:
+            if outcomes:
+                return  # woken by the other pump's ending
+            outcomes.append(outcome)
+        for end in ends.values():
+            end.stop_reading()
+
+    finished = 0
+    first_done, all_done = trio.Event(), trio.Event()
+
+    async def run(sender: Role) -> None:
+        nonlocal finished
+        await trio.to_thread.run_sync(pump, sender, limiter=_THREADS)
+        finished += 1
+        first_done.set()
+        if finished == len(ends):
+            all_done.set()
+
+    async def watch() -> None:
+        try:
+            await first_done.wait()
+            # The other pump sees the end of its stream, unless it is stuck writing to
+            # a peer that does not read: then it is woken by force.
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await all_done.wait()
+                return
+        except BaseException:  # cancelled: the gateway is stopping or access was revoked
+            for end in ends.values():
+                end.abort()
+            raise
+        for end in ends.values():
+            end.abort()
+
+    for end in ends.values():
+        end.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for sender in ends:
+                nursery.start_soon(run, sender)
+    finally:
+        for end in ends.values():
+            end.finish()
+    return outcomes[0] if outcomes else None
+
+
+async def relay(
+    splice: Splice,
+    client: trio.abc.Stream,
+    server: trio.abc.Stream,
+    session: Session,
+    *,
+    threads: bool = True,
+    budget: BufferBudget | None = None,
+    idle: IdleTimeouts | None = None,
+) -> str:
+    """Run both pumps until either side ends (or the session is idle past `idle`);
+    close both; return the outcome. Partial frames count against `budget`."""
+    outcome = "cancelled (gateway stopping)"
+    holdings = {r: budget.holding() if budget is not None else None for r in Role}
+    client_end, server_end = (endpoint(client), endpoint(server)) if threads else (None, None)
+    threaded = client_end is not None and server_end is not None
+    # The threads' clock, or Trio's (virtual in tests) for Trio's pumps.
+    clock = time.perf_counter if threaded else trio.current_time
+    activity = Activity(clock())
+    try:
+        async with trio.open_nursery() as nursery:
+            if idle is not None and (idle.op is not None or idle.attached is not None):
+
+                async def watch_idle() -> None:
+                    nonlocal outcome
+                    outcome = await _idle_watch(splice, activity, idle, clock)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_idle)
+            if client_end is not None and server_end is not None:
+                session.data_plane = "threads"
+                ends = {Role.CLIENT: client_end, Role.SERVER: server_end}
+                ended = await _relay_in_threads(splice, ends, session, holdings, activity)
+                outcome = ended or outcome
+            else:
+                session.data_plane = "trio"
+                client, server = direct_io(client), direct_io(server)
+                outcome = (
+                    await _relay_in_trio(
+                        splice, client, server, session, holdings=holdings, activity=activity
+                    )
+                    or outcome
+                )
+            nursery.cancel_scope.cancel()
+    finally:
+        for holding in holdings.values():
+            if holding is not None:
+                holding.release()
+        session.outcome = outcome
+        await close_all(client, server)
+    return outcome
+
+
+async def _relay_in_trio(
+    splice: Splice,
+    client: trio.abc.Stream,
+    server: trio.abc.Stream,
+    session: Session,
+    *,
+    holdings: dict[Role, Holding | None],
+    activity: Activity,
+) -> str | None:
+    """Both pumps as Trio tasks; the first to end decides the outcome."""
+    outcome: str | None = None
+
+    async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+        nonlocal outcome
+        try:
+            outcome = await forward(
+                splice, sender, source, sink, session, holding=holdings[sender], activity=activity
+            )
+        except ProtocolError as exc:
+            outcome = f"protocol error from {sender.value}: {exc}"
+        except OverBudget as exc:
+            outcome = _over_budget(sender, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            outcome = f"connection lost: {_cause(exc)}"
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, Role.CLIENT, client, server)
+        nursery.start_soon(pump, Role.SERVER, server, client)
+    return outcome
+
+
+async def _idle_watch(
+    splice: Splice, activity: Activity, idle: IdleTimeouts, clock: Callable[[], float]
+) -> str:
+    """Returns once no byte came from either side for the phase's idle timeout."""
+    while True:
+        attached = splice.phase is Phase.URB
+        timeout = idle.attached if attached else idle.op
+        if timeout is None:
+            if attached or idle.attached is None:
+                await trio.sleep_forever()
+            # Op phase without its own timeout: look again once it may have changed.
+            await trio.sleep(idle.attached or 0.0)
+            continue
+        remaining = activity.at + timeout - clock()
+        if remaining <= 0:
+            phase = "attached" if attached else "in the op phase"
+            return f"idle: no traffic for {timeout:g}s {phase}"
+        await trio.sleep(remaining)
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    return str(inner or exc) or type(inner or exc).__name__
+
+
+async def close_all(*streams: trio.abc.AsyncResource) -> None:
+    """Close gracefully (TLS close_notify) within a bound, then forcefully."""
+    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+        scope.shield = True
+        for stream in streams:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.aclose()
+    if scope.cancelled_caught:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+async def receive_frame(
+    splice: Splice, sender: Role, stream: trio.abc.ReceiveStream
+) -> Frame | ConnectionClosed:
+    """Read from `stream` until `sender`'s next whole frame (op phase: one at a time)."""
+    while True:
+        frame = splice.next_frame(sender)
+        if not isinstance(frame, NeedData):
+            return frame.event if isinstance(frame.event, ConnectionClosed) else frame
+        splice.receive_data(sender, await stream.receive_some(RECEIVE_SIZE))
+
+
+def log_session_end(logger: logging.Logger, session: Session) -> None:
+    """One line per session: who, which device, how it ended, how much went through."""
+    summary = session.summary()
+    level = logging.INFO if session.ended_normally else logging.WARNING
+    logger.log(level, "session end %s", kv(summary), extra={"fields": summary})
