@@ -16,10 +16,11 @@ import errno
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
+from gateway.observability.metrics import RefusalLimit
 from gateway.transport.names import peer_name
 from gateway.transport.sockets import TunedListener
 
@@ -31,8 +32,6 @@ _ACCEPT_BACKOFF = 0.1
 _REFUSAL_LOG_INTERVAL = 5.0
 
 # Which limit refused a connection: a metric label.
-RefusalLimit = Literal["connections", "handshakes", "handshakes_per_source"]
-REFUSAL_LIMITS: tuple[RefusalLimit, ...] = ("connections", "handshakes", "handshakes_per_source")
 
 
 class Slot:

@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -35,9 +35,7 @@ from gateway.accounting.rtt import BUCKETS
 from gateway.accounting.series import DeviceLabeler, SeriesTable, SessionMeter
 from gateway.accounting.session import Session
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
-from gateway.edges.acceptor import REFUSAL_LIMITS, RefusalLimit
 from gateway.protocol import DeviceInfo, OpStatus
-from gateway.relay.budget import BufferBudget
 from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
@@ -107,6 +105,18 @@ class UpstreamCheck:
     timeout: float
     up: bool | None = None
     checked_at: float = float("-inf")
+
+
+#: Why a connection was closed unserved (the `limit` label of connections_refused_total).
+RefusalLimit = Literal["connections", "handshakes", "handshakes_per_source"]
+REFUSAL_LIMITS: tuple[RefusalLimit, ...] = ("connections", "handshakes", "handshakes_per_source")
+
+
+class BufferTotal(Protocol):
+    """What the buffered_bytes gauge reads: the relay's budget (`relay.budget`)."""
+
+    @property
+    def total(self) -> int: ...
 
 
 class GatewayMetrics:
@@ -327,7 +337,7 @@ class GatewayMetrics:
         """A connection was closed unserved: `limit` was reached."""
         self._refused[limit].inc()
 
-    def track_buffers(self, budget: BufferBudget) -> None:
+    def track_buffers(self, budget: BufferTotal) -> None:
         """Report `budget`'s total as the buffered_bytes gauge, read when scraped."""
         self._buffered.set_function(lambda: budget.total)
 
