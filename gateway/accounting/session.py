@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounting.outcome import OPEN, Outcome, OutcomeKind
 from gateway.protocol import (
     CmdSubmit,
     Frame,
@@ -44,7 +45,7 @@ class Session:
     urbs_completed: int = 0
     urbs_failed: int = 0
     urbs_unlinked: int = 0
-    outcome: str = "open"
+    outcome: Outcome = OPEN
     op_status: int | None = None  # the op reply's status, once one went through
     # The link between the gateways (server role: this connection; client role: the one
     # to the server gateway): "tcp" or "mptcp", and "zstd" or "none" as negotiated.
@@ -84,7 +85,10 @@ class Session:
             elif kind is OpReplyImport:
                 self.op_status = event.status  # type: ignore[union-attr]
                 if event.status != 0:  # type: ignore[union-attr]
-                    self.outcome = f"import refused by usbipd (status {event.status})"  # type: ignore[union-attr]
+                    self.outcome = Outcome(
+                        OutcomeKind.REFUSED,
+                        f"import refused by usbipd (status {event.status})",  # type: ignore[union-attr]
+                    )
                 elif self.meter is not None:
                     self.meter.imported(self.busid, event.device)  # type: ignore[union-attr]
             elif kind is OpReplyDevlist:
@@ -98,7 +102,7 @@ class Session:
     @property
     def ended_normally(self) -> bool:
         """Closed by either end or by our own shutdown, not by an error."""
-        return self.outcome.startswith(("closed", "listed", "cancelled"))
+        return self.outcome.normal
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -108,7 +112,7 @@ class Session:
             "address": self.address,
             "request": self.request,
             "busid": self.busid,
-            "outcome": self.outcome,
+            "outcome": self.outcome.detail,
             "urbs": self.urbs_submitted,
             "urbs_failed": self.urbs_failed,
             "urbs_unlinked": self.urbs_unlinked,

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from gateway.accounting.outcome import Outcome, OutcomeKind
 from gateway.accounting.session import Session
 from gateway.config import ClientConfig, is_loopback
 from gateway.edges.acceptor import Acceptor, Slot
@@ -135,12 +136,15 @@ class ClientGateway:
             try:
                 upstream = await self.connect()
             except HandshakeFailed as exc:
-                session.outcome = f"TLS to {self.config.server} failed: {exc}"
+                session.outcome = Outcome(
+                    OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
+                )
                 await trio.aclose_forcefully(stream)
                 return
             except (OSError, trio.TooSlowError) as exc:
-                session.outcome = (
-                    f"server gateway {self.config.server} unreachable: {exc or 'timeout'}"
+                session.outcome = Outcome(
+                    OutcomeKind.UPSTREAM_UNREACHABLE,
+                    f"server gateway {self.config.server} unreachable: {exc or 'timeout'}",
                 )
                 await trio.aclose_forcefully(stream)
                 return
@@ -150,7 +154,9 @@ class ClientGateway:
                 # Only an undecodable certificate: a server's may be a CA's (the client
                 # checks it names the server, which is what matters here).
                 self.metrics.identity_refused(exc.reason)
-                session.outcome = f"TLS to {self.config.server} failed: {exc}"
+                session.outcome = Outcome(
+                    OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
+                )
                 await trio.aclose_forcefully(upstream)
                 return
             session.transport = transport_name(upstream.transport_stream)

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from gateway.accounting.outcome import Outcome, OutcomeKind, protocol_error
 from gateway.accounting.session import Session
 from gateway.config import ServerConfig
 from gateway.edges.acceptor import Acceptor, Slot
@@ -78,7 +79,7 @@ class Attached:
     identity: PeerIdentity
     device: DeviceFacts
     scope: trio.CancelScope
-    revoked: str = ""
+    revoked: Outcome | None = None
 
 
 class ServerGateway:
@@ -181,7 +182,7 @@ class ServerGateway:
             why = f"access revoked by policy reload ({rule_summary(decision)})"
             if self.config.policy.revoke_on_reload:
                 log.warning("closing session %d: %s", attached.session.id, why)
-                attached.revoked = why
+                attached.revoked = Outcome(OutcomeKind.DENIED, why)
                 attached.scope.cancel()
             else:
                 log.warning(
@@ -241,7 +242,7 @@ class ServerGateway:
                 address=address,
                 request=session.request,
                 device={"busid": session.busid},
-                outcome=session.outcome,
+                outcome=session.outcome.detail,
                 urbs=session.urbs_submitted,
                 bytes_from_client=session.bytes_from_client,
                 bytes_from_server=session.bytes_from_server,
@@ -284,21 +285,25 @@ class ServerGateway:
             with trio.fail_after(self.config.request_timeout):
                 request = await receive_frame(splice, Role.CLIENT, client)
         except trio.TooSlowError:
-            session.outcome = f"no request within {self.config.request_timeout:g}s"
+            session.outcome = Outcome(
+                OutcomeKind.TIMEOUT, f"no request within {self.config.request_timeout:g}s"
+            )
         except ProtocolError as exc:
-            session.outcome = f"protocol error from client: {exc}"
+            session.outcome = protocol_error(Role.CLIENT, exc)
         except _LOST:
-            session.outcome = "connection lost before the request"
+            session.outcome = Outcome(
+                OutcomeKind.CONNECTION_LOST, "connection lost before the request"
+            )
         else:
             if isinstance(request, ConnectionClosed):
-                session.outcome = "closed by client before a request"
+                session.outcome = Outcome(OutcomeKind.CLOSED, "closed by client before a request")
             elif splice.buffered(Role.CLIENT):
                 # A client speaks again only after the reply (`usbip` never pipelines):
                 # whatever follows the request is refused, never forwarded.
                 session.observe(Role.CLIENT, request, trio.current_time())
-                session.outcome = (
-                    f"protocol error from client: {splice.buffered(Role.CLIENT)} bytes "
-                    "after the op request, before its reply"
+                session.outcome = protocol_error(
+                    Role.CLIENT,
+                    f"{splice.buffered(Role.CLIENT)} bytes after the op request, before its reply",
                 )
             else:
                 session.observe(Role.CLIENT, request, trio.current_time())
@@ -325,7 +330,9 @@ class ServerGateway:
             # bytes have, a hidden device and an absent one give the same reply.
             ok = reply.event.status == OpStatus.OK
             await client.send_all(splice.replace(reply, OpReplyDevlist(shown)) if ok else reply.raw)
-            session.outcome = f"listed {len(shown)} of {len(devices)} devices"
+            session.outcome = Outcome(
+                OutcomeKind.LISTED, f"listed {len(shown)} of {len(devices)} devices"
+            )
 
         refusal = OpReplyDevlist(status=OpStatus.ERROR)
         await self._exchange(client, session, splice, request, refusal=refusal, answer=answer)
@@ -342,12 +349,15 @@ class ServerGateway:
             verdict = await self.access.judge_import(identity, session.address, session.busid)
         except UpstreamUnreachable:
             await self._refuse(client, splice, OpReplyImport(OpStatus.ERROR))
-            session.outcome = "usbipd unreachable while looking up the device"
+            session.outcome = Outcome(
+                OutcomeKind.UPSTREAM_UNREACHABLE, "usbipd unreachable while looking up the device"
+            )
             return
         if not verdict.allowed:
-            session.outcome = (
+            session.outcome = Outcome(
+                OutcomeKind.DENIED,
                 f"import {verdict.decision.target.name.lower()}ed by policy "
-                f"({rule_summary(verdict.decision)})"
+                f"({rule_summary(verdict.decision)})",
             )
             await self._refuse(client, splice, OpReplyImport(verdict.refusal))
             return
@@ -360,11 +370,16 @@ class ServerGateway:
             facts = self._confirm(verdict, identity, session, reply)
             refusal = None
             if facts is None:
-                refusal = "device changed between decision and import; refused"
+                refusal = Outcome(
+                    OutcomeKind.DENIED, "device changed between decision and import; refused"
+                )
             elif not self._load_layout(splice, reply.event.device):
-                refusal = "device layout in sysfs unreadable or not the imported device"
+                refusal = Outcome(
+                    OutcomeKind.OTHER,
+                    "device layout in sysfs unreadable or not the imported device",
+                )
             if facts is None or refusal is not None:
-                session.outcome = refusal or "refused"
+                session.outcome = refusal or Outcome(OutcomeKind.OTHER, "refused")
                 # Answered as a device that is not there; closing usbipd's socket (on
                 # return) frees the device. Not through the splice: it has seen usbipd's
                 # OK, and nothing more goes through this session.
@@ -405,16 +420,21 @@ class ServerGateway:
             with trio.fail_after(self.config.request_timeout):
                 reply = await receive_frame(splice, Role.SERVER, upstream)
             if isinstance(reply, ConnectionClosed):
-                session.outcome = f"usbipd closed without answering the {what} request"
+                session.outcome = Outcome(
+                    OutcomeKind.CONNECTION_LOST,
+                    f"usbipd closed without answering the {what} request",
+                )
                 return
             session.observe(Role.SERVER, reply, trio.current_time())
             await answer(upstream, reply)
         except ProtocolError as exc:
-            session.outcome = f"protocol error from usbipd: {exc}"
+            session.outcome = protocol_error(Role.SERVER, exc, sender="usbipd")
         except trio.TooSlowError:
-            session.outcome = f"usbipd did not answer the {what} request"
+            session.outcome = Outcome(
+                OutcomeKind.TIMEOUT, f"usbipd did not answer the {what} request"
+            )
         except _LOST as exc:
-            session.outcome = f"connection lost: {exc}"
+            session.outcome = Outcome(OutcomeKind.CONNECTION_LOST, f"connection lost: {exc}")
         finally:
             await close_all(client, upstream)
 
@@ -484,7 +504,7 @@ class ServerGateway:
                 )
             finally:
                 del self.attached[session.id]
-        if attached.revoked:
+        if attached.revoked is not None:
             session.outcome = attached.revoked
 
     # -- usbipd
@@ -503,7 +523,10 @@ class ServerGateway:
         try:
             return await self._open_upstream()
         except OSError as exc:
-            session.outcome = f"usbipd at {self.config.upstream} unreachable: {exc}"
+            session.outcome = Outcome(
+                OutcomeKind.UPSTREAM_UNREACHABLE,
+                f"usbipd at {self.config.upstream} unreachable: {exc}",
+            )
             log.error("cannot reach usbipd at %s: %s", self.config.upstream, exc)
             return None
 

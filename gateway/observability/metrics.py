@@ -31,11 +31,12 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
+from gateway.accounting.outcome import OutcomeKind
 from gateway.accounting.rtt import BUCKETS
 from gateway.accounting.series import DeviceLabeler, SeriesTable, SessionMeter
 from gateway.accounting.session import Session
 from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
-from gateway.protocol import DeviceInfo, OpStatus
+from gateway.protocol import DeviceInfo, OpStatus, Role
 from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
@@ -45,46 +46,6 @@ PolicyTarget = Literal["devlist", "import"]
 #: Why the HTTP endpoint closed a connection its client had not closed.
 HttpCloseReason = Literal["evicted", "idle_timeout", "head_timeout", "write_timeout", "bad_request"]
 HTTP_CLOSE_REASONS: tuple[HttpCloseReason, ...] = get_args(HttpCloseReason)
-
-#: Session outcome classes (the `outcome` label of sessions_total), by outcome prefix.
-OUTCOME_CLASSES: tuple[tuple[str, str], ...] = (
-    ("closed", "closed"),
-    ("listed", "listed"),
-    ("cancelled", "cancelled"),
-    ("protocol error", "protocol_error"),
-    ("access revoked", "denied"),
-    ("device changed between", "denied"),
-    ("import refused", "refused"),  # by usbipd; "... by policy" is caught first
-    ("usbipd at", "upstream_unreachable"),
-    ("usbipd unreachable", "upstream_unreachable"),
-    ("server gateway", "upstream_unreachable"),
-    ("TLS to", "tls_failed"),
-    ("no request within", "timeout"),
-    ("idle", "timeout"),
-    ("over memory budget", "resource_limit"),
-    ("usbipd did not answer", "timeout"),
-    ("connection lost", "connection_lost"),
-    ("usbipd closed", "connection_lost"),
-)
-OUTCOMES: tuple[str, ...] = (*dict.fromkeys(c for _, c in OUTCOME_CLASSES), "other")
-
-
-def outcome_class(outcome: str) -> str:
-    """The bounded class of a session's free-text outcome."""
-    if " by policy" in outcome:
-        return "denied"
-    for prefix, name in OUTCOME_CLASSES:
-        if outcome.startswith(prefix):
-            return name
-    return "other"
-
-
-def protocol_error_side(outcome: str) -> str | None:
-    """Which side broke the protocol, from an outcome like "protocol error from usbipd"."""
-    if not outcome.startswith("protocol error from "):
-        return None
-    sender = outcome.removeprefix("protocol error from ").split(":", 1)[0]
-    return "client" if sender == "client" else "server"
 
 
 def op_status_label(status: int | None) -> str:
@@ -198,7 +159,7 @@ class GatewayMetrics:
             ["role", "outcome"],
             registry=registry,
         )
-        self._sessions = {o: sessions.labels(role, o) for o in OUTCOMES}
+        self._sessions = {kind: sessions.labels(role, kind.label) for kind in OutcomeKind}
         by_transport = Counter(
             f"{p}sessions_by_transport",
             "Sessions ended, by the link between the gateways: transport (tcp, mptcp: "
@@ -223,7 +184,7 @@ class GatewayMetrics:
             ["role", "side"],
             registry=registry,
         )
-        self._protocol_errors = {s: errors.labels(role, s) for s in ("client", "server")}
+        self._protocol_errors = {side: errors.labels(role, side.value) for side in Role}
         self._upstream_failures = Counter(
             f"{p}upstream_connect_failures",
             "Failed connections upstream (server role: usbipd; client role: the server gateway).",
@@ -309,20 +270,18 @@ class GatewayMetrics:
         self._finished_bytes["server"] += session.bytes_from_server
         self._finished_abandoned += max(session.urbs_in_flight, 0)
         outcome = session.outcome
-        self._sessions[outcome_class(outcome)].inc()
+        self._sessions[outcome.kind].inc()
         link = self._sessions_by_transport.get((session.transport, session.compression))
         if link is not None:
             link.inc()
-        side = protocol_error_side(outcome)
-        if side is not None:
-            self._protocol_errors[side].inc()
+        if outcome.side is not None:
+            self._protocol_errors[outcome.side].inc()
         if session.request:
             status = op_status_label(session.op_status)
             if session.op_status is None:
-                klass = outcome_class(outcome)
-                if klass == "denied":
+                if outcome.kind is OutcomeKind.DENIED:
                     status = "denied"
-                elif klass == "upstream_unreachable":
+                elif outcome.kind is OutcomeKind.UPSTREAM_UNREACHABLE:
                     status = "error"
             self._ops.labels(self.role, session.request, status).inc()
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
+from gateway.accounting.outcome import Outcome, OutcomeKind, protocol_error
 from gateway.accounting.session import Session
 from gateway.logs import kv
 from gateway.protocol import (
@@ -65,8 +66,8 @@ class Activity:
         self.at = at
 
 
-def _over_budget(sender: Role, exc: OverBudget) -> str:
-    return f"over memory budget: the {sender.value} sent {exc}"
+def _over_budget(sender: Role, exc: OverBudget) -> Outcome:
+    return Outcome(OutcomeKind.RESOURCE_LIMIT, f"over memory budget: the {sender.value} sent {exc}")
 
 
 def cut_frames(
@@ -108,7 +109,7 @@ async def forward(
     clock: Callable[[], float] = trio.current_time,
     holding: Holding | None = None,
     activity: Activity | None = None,
-) -> str:
+) -> Outcome:
     """Pump one direction until `sender` closes; returns how it ended. `holding` counts
     the partial frames held against the gateway's budget (OverBudget past it)."""
     while True:
@@ -124,7 +125,7 @@ async def forward(
         if error is not None:
             raise error
         if closed:
-            return f"closed by {sender.value}"
+            return Outcome(OutcomeKind.CLOSED, f"closed by {sender.value}")
 
 
 # Sessions of one device share metric series: frames are accounted under one lock, and
@@ -144,7 +145,7 @@ def forward_blocking(
     lock: threading.Lock,
     holding: Holding | None = None,
     activity: Activity | None = None,
-) -> str:
+) -> Outcome:
     """`forward` for a thread: blocking reads and writes, the same checks. `lock` guards
     `splice` against the other direction's thread."""
     observe = session.observe
@@ -170,7 +171,7 @@ def forward_blocking(
         if error is not None:
             raise error
         if closed:
-            return f"closed by {sender.value}"
+            return Outcome(OutcomeKind.CLOSED, f"closed by {sender.value}")
 
 
 async def _relay_in_threads(
@@ -179,9 +180,9 @@ async def _relay_in_threads(
     session: Session,
     holdings: dict[Role, Holding | None],
     activity: Activity,
-) -> str | None:
+) -> Outcome | None:
     """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
-    outcomes: list[str] = []
+    outcomes: list[Outcome] = []
     guard = threading.Lock()
     splice_lock = threading.Lock()
 
@@ -199,11 +200,11 @@ async def _relay_in_threads(
                 activity=activity,
             )
         except ProtocolError as exc:
-            outcome = f"protocol error from {sender.value}: {exc}"
+            outcome = protocol_error(sender, exc)
         except OverBudget as exc:
             outcome = _over_budget(sender, exc)
         except LinkBroken as exc:
-            outcome = f"connection lost: {exc}"
+            outcome = Outcome(OutcomeKind.CONNECTION_LOST, f"connection lost: {exc}")
         with guard:
             if outcomes:
                 return  # woken by the other pump's ending
@@ -259,10 +260,10 @@ async def relay(
     threads: bool = True,
     budget: BufferBudget | None = None,
     idle: IdleTimeouts | None = None,
-) -> str:
+) -> Outcome:
     """Run both pumps until either side ends (or the session is idle past `idle`);
     close both; return the outcome. Partial frames count against `budget`."""
-    outcome = "cancelled (gateway stopping)"
+    outcome = Outcome(OutcomeKind.CANCELLED, "cancelled (gateway stopping)")
     holdings = {r: budget.holding() if budget is not None else None for r in Role}
     client_end, server_end = (endpoint(client), endpoint(server)) if threads else (None, None)
     threaded = client_end is not None and server_end is not None
@@ -311,9 +312,9 @@ async def _relay_in_trio(
     *,
     holdings: dict[Role, Holding | None],
     activity: Activity,
-) -> str | None:
+) -> Outcome | None:
     """Both pumps as Trio tasks; the first to end decides the outcome."""
-    outcome: str | None = None
+    outcome: Outcome | None = None
 
     async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         nonlocal outcome
@@ -322,11 +323,11 @@ async def _relay_in_trio(
                 splice, sender, source, sink, session, holding=holdings[sender], activity=activity
             )
         except ProtocolError as exc:
-            outcome = f"protocol error from {sender.value}: {exc}"
+            outcome = protocol_error(sender, exc)
         except OverBudget as exc:
             outcome = _over_budget(sender, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            outcome = f"connection lost: {_cause(exc)}"
+            outcome = Outcome(OutcomeKind.CONNECTION_LOST, f"connection lost: {_cause(exc)}")
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
@@ -337,7 +338,7 @@ async def _relay_in_trio(
 
 async def _idle_watch(
     splice: Splice, activity: Activity, idle: IdleTimeouts, clock: Callable[[], float]
-) -> str:
+) -> Outcome:
     """Returns once no byte came from either side for the phase's idle timeout."""
     while True:
         attached = splice.phase is Phase.URB
@@ -351,7 +352,7 @@ async def _idle_watch(
         remaining = activity.at + timeout - clock()
         if remaining <= 0:
             phase = "attached" if attached else "in the op phase"
-            return f"idle: no traffic for {timeout:g}s {phase}"
+            return Outcome(OutcomeKind.TIMEOUT, f"idle: no traffic for {timeout:g}s {phase}")
         await trio.sleep(remaining)
 
 

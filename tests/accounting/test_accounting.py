@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.accounting.outcome import Outcome, OutcomeKind, protocol_error
 from gateway.accounting.rtt import BUCKETS, FINE_BOUNDS, coarse_index, fine_index, quantile
-from gateway.observability.metrics import GatewayMetrics, outcome_class, protocol_error_side
+from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import (
     ECONNRESET,
     CmdUnlink,
@@ -190,7 +191,7 @@ def test_in_flight_returns_to_zero_when_the_session_ends(
     assert in_flight(metrics) == 3
     assert sample(metrics, "usbip_gateway_sessions_active", role="server") == 1
     relayed = sample(metrics, "usbip_gateway_relayed_bytes_total", role="server", sender="client")
-    wire.session.outcome = "connection lost: reset"
+    wire.session.outcome = Outcome(OutcomeKind.CONNECTION_LOST, "connection lost: reset")
     metrics.session_ended(wire.session)
     assert in_flight(metrics) == 0
     assert sample(metrics, "usbip_gateway_sessions_active", role="server") == 0
@@ -266,36 +267,10 @@ def test_quantile_of_an_empty_or_overflowing_sketch() -> None:
     assert quantile(counts, 0.99) == FINE_BOUNDS[-1]
 
 
-@pytest.mark.parametrize(
-    ("outcome", "klass", "side"),
-    [
-        ("closed by client", "closed", None),
-        ("listed 2 of 3 devices", "listed", None),
-        ("cancelled (gateway stopping)", "cancelled", None),
-        ("protocol error from client: bad seqnum", "protocol_error", "client"),
-        ("protocol error from server: bad length", "protocol_error", "server"),
-        ("protocol error from usbipd: short reply", "protocol_error", "server"),
-        ("import denied by policy (rule 2)", "denied", None),
-        ("import refused by policy (status NODEV)", "denied", None),
-        ("access revoked by policy reload (rule 1)", "denied", None),
-        ("import refused by usbipd (status 2)", "refused", None),
-        ("usbipd at 127.0.0.1:3240 unreachable: refused", "upstream_unreachable", None),
-        ("server gateway gw:3240 unreachable: timeout", "upstream_unreachable", None),
-        ("TLS to gw:3240 failed: unknown_ca", "tls_failed", None),
-        ("no request within 30s", "timeout", None),
-        ("connection lost: reset", "connection_lost", None),
-        ("something new", "other", None),
-    ],
-)
-def test_outcome_classes(outcome: str, klass: str, side: str | None) -> None:
-    assert outcome_class(outcome) == klass
-    assert protocol_error_side(outcome) == side
-
-
 def test_session_end_counts_protocol_errors_and_refused_ops(metrics: GatewayMetrics) -> None:
     wire = Wire(metrics)
     wire.send(Role.CLIENT, OpRequestDevlist(), 0.0)
-    wire.session.outcome = "protocol error from usbipd: short reply"
+    wire.session.outcome = protocol_error(Role.SERVER, "short reply", sender="usbipd")
     metrics.session_ended(wire.session)
     assert sample(metrics, "usbip_gateway_protocol_errors_total", role="server", side="server") == 1
     assert (
@@ -306,7 +281,7 @@ def test_session_end_counts_protocol_errors_and_refused_ops(metrics: GatewayMetr
     )
     denied = Wire(metrics)
     denied.send(Role.CLIENT, OpRequestImport("1-1"), 0.0)
-    denied.session.outcome = "import denied by policy (rule 1)"
+    denied.session.outcome = Outcome(OutcomeKind.DENIED, "import denied by policy (rule 1)")
     metrics.session_ended(denied.session)
     assert (
         sample(

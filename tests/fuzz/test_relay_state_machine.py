@@ -35,6 +35,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from gateway.accounting.outcome import Outcome, OutcomeKind
 from gateway.accounting.session import Session
 from gateway.config import Address
 from gateway.edges.client_gateway import ClientGateway
@@ -49,6 +50,7 @@ from ..hostile.usbipd import Tracker
 from ..pkitools import PKI, client_config, make_pki, server_config
 
 T = TypeVar("T")
+CLOSED_BY_CLIENT = Outcome(OutcomeKind.CLOSED, "closed by client")
 EXAMPLES = int(os.environ.get("USBIP_GW_RELAY_EXAMPLES", "25"))
 CALL_BOUND = 20.0  # seconds any one step may take
 FIFO_CAPACITY = 1024 * 1024  # the simulated loopback device's (gadget_zero.Loopback)
@@ -306,7 +308,7 @@ class RelayMachine(RuleBasedStateMachine):
         assert session.urbs_completed == self.rets
         assert session.urbs_unlinked == self.unlinked
         assert session.urbs_in_flight == len(self.waiting)
-        assert session.outcome == "closed by client", session.outcome
+        assert session.outcome == CLOSED_BY_CLIENT, session.outcome
         assert not p.sim.in_use("1-2")
         assert not p.sim.in_use("1-1")
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import trio
 import trio.testing
 
+from gateway.accounting.outcome import OutcomeKind
 from gateway.accounting.session import Session
-from gateway.observability.metrics import GatewayMetrics, outcome_class
+from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import (
     NEED_DATA,
     CmdSubmit,
@@ -103,9 +104,9 @@ async def test_many_sessions_share_the_budget_and_the_one_past_it_is_closed(
     await last.client.send_all(frame[:part])
     with trio.fail_after(5):
         await last.done.wait()
-    assert last.session.outcome.startswith("over memory budget: the client sent")
-    assert "limits.max_buffered_bytes (4194304)" in last.session.outcome
-    assert outcome_class(last.session.outcome) == "resource_limit"
+    assert last.session.outcome.detail.startswith("over memory budget: the client sent")
+    assert "limits.max_buffered_bytes (4194304)" in last.session.outcome.detail
+    assert last.session.outcome.kind is OutcomeKind.RESOURCE_LIMIT
     assert not last.session.ended_normally  # logged as a warning at the session's end
     assert await last.client.receive_some(10) == b""
     assert budget.total == 4 * part  # what it held is given back
@@ -134,7 +135,8 @@ async def test_the_thread_data_plane_keeps_to_the_budget(nursery: trio.Nursery) 
         with suppress(trio.BrokenResourceError):
             await s.client.send_all(frame[: len(frame) * 3 // 4])
         await s.done.wait()
-    assert s.session.outcome.startswith("over memory budget: the client sent")
+    assert s.session.outcome.kind is OutcomeKind.RESOURCE_LIMIT
+    assert s.session.outcome.detail.startswith("over memory budget: the client sent")
     assert budget.total == 0
     # Nothing of the refused frame reached the server side.
     assert s.server_conn.next_event() is NEED_DATA

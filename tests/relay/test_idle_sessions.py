@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
+from gateway.accounting.outcome import OPEN, Outcome, OutcomeKind
 from gateway.accounting.session import Session
 from gateway.demo import Stack, start_stack
 from gateway.edges.client_gateway import ClientGateway
-from gateway.observability.metrics import outcome_class
 from gateway.protocol import (
     CmdSubmit,
     Direction,
@@ -81,8 +81,9 @@ async def test_a_silent_session_is_closed_in_the_op_phase(
     start = trio.current_time()
     r = await _relayed(nursery, IdleTimeouts(op=30.0))
     assert await r.ended() == pytest.approx(start + 30.0)
-    assert r.session.outcome == "idle: no traffic for 30s in the op phase"
-    assert outcome_class(r.session.outcome) == "timeout"
+    assert r.session.outcome == Outcome(
+        OutcomeKind.TIMEOUT, "idle: no traffic for 30s in the op phase"
+    )
     assert not r.session.ended_normally  # a warning at the session's end
 
 
@@ -104,7 +105,7 @@ async def test_an_idle_attached_session_stays_open_by_default(
     await _import(r)
     await trio.sleep(24 * HOUR)
     assert r.ended_at == []
-    assert r.session.outcome == "open"
+    assert r.session.outcome is OPEN
     # Still relaying.
     urb = CmdSubmit(1, INFO.devid, Direction.OUT, 1, 3, data=b"abc").encode()
     await r.client.send_all(urb)
@@ -124,7 +125,7 @@ async def test_an_attached_idle_timeout_closes_after_the_last_urb(
     assert await r.server.receive_some(1 << 16) == urb
     last = trio.current_time()
     assert await r.ended() == pytest.approx(last + 600.0)
-    assert r.session.outcome == "idle: no traffic for 600s attached"
+    assert r.session.outcome == Outcome(OutcomeKind.TIMEOUT, "idle: no traffic for 600s attached")
 
 
 async def _stack(pki: PKI, nursery: trio.Nursery) -> Stack:

@@ -19,8 +19,8 @@ import trio
 import trio.testing
 import trustme
 
+from gateway.accounting.outcome import Outcome, OutcomeKind
 from gateway.accounting.session import Session
-from gateway.observability.metrics import outcome_class
 from gateway.protocol import (
     NEED_DATA,
     CmdSubmit,
@@ -42,6 +42,7 @@ from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, Zst
 from ..protocol.helpers import device, enumeration_steps
 
 INFO = device()
+CLOSED_BY_CLIENT = Outcome(OutcomeKind.CLOSED, "closed by client")
 ENUMERATION_URBS = 2  # GET_DESCRIPTOR(configuration), SET_CONFIGURATION
 
 
@@ -68,7 +69,7 @@ class Relayed:
     client: Peer
     server: Peer
     session: Session
-    outcome: list[str]
+    outcome: list[Outcome]
     scope: trio.CancelScope
 
 
@@ -106,7 +107,7 @@ async def relayed(
         client_stream = wrap(client_stream)
         relay_client_stream = wrap(relay_client_stream, on_bytes=zstd)
     session = Session("server", "test", "socketpair", time.time())
-    outcome: list[str] = []
+    outcome: list[Outcome] = []
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
 
@@ -169,9 +170,9 @@ async def test_urbs_cross_the_threads_and_the_client_closing_ends_the_session(
             assert await r.client.receive() == ret
         await r.client.stream.aclose()
         assert await r.server.receive() == ConnectionClosed()
-    assert r.outcome == ["closed by client"]
+    assert r.outcome == [CLOSED_BY_CLIENT]
     assert r.session.data_plane == "threads"
-    assert r.session.outcome == "closed by client"
+    assert r.session.outcome == CLOSED_BY_CLIENT
     assert r.session.urbs_completed == ENUMERATION_URBS + 8
     assert r.session.bytes_from_client == 40 + enumeration_bytes(Role.CLIENT) + 8 * (48 + len(big))
 
@@ -194,7 +195,7 @@ async def test_zstd_over_tls_crosses_the_threads_too() -> None:
         await r.client.stream.aclose()
         assert await r.server.receive() == ConnectionClosed()
     assert r.session.data_plane == "threads"
-    assert r.outcome == ["closed by client"]
+    assert r.outcome == [CLOSED_BY_CLIENT]
     wire, plain = counted["decompress"]
     # the IMPORT request, the enumeration and the CMD_SUBMIT; their replies
     assert plain == 40 + enumeration_bytes(Role.CLIENT) + 48 + 200_000
@@ -243,7 +244,7 @@ async def test_a_burst_of_compressed_chunks_is_decoded_only_as_fast_as_it_is_for
         assert await r.client.receive() == RetSubmit(1, actual_length=size)
         await r.client.stream.aclose()
         assert await r.server.receive() == ConnectionClosed()
-    assert r.outcome == ["closed by client"]
+    assert r.outcome == [CLOSED_BY_CLIENT]
     assert r.session.data_plane == "threads"
 
 
@@ -256,9 +257,11 @@ async def test_a_compressed_chunk_over_the_limit_ends_the_session_cleanly() -> N
         assert await r.server.receive() == ConnectionClosed()  # nothing forwarded
     assert r.session.data_plane == "threads"
     assert r.outcome == [
-        "connection lost: zstd: ZSTD chunk plain length 1048577 exceeds the limit of 1048576"
+        Outcome(
+            OutcomeKind.CONNECTION_LOST,
+            "connection lost: zstd: ZSTD chunk plain length 1048577 exceeds the limit of 1048576",
+        )
     ]
-    assert outcome_class(r.outcome[0]) == "connection_lost"  # the sessions_total label
 
 
 async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:
@@ -271,7 +274,9 @@ async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:
         await r.server.stream.send_all(good.encode() + bad.encode())
         assert await r.client.receive() == good
         assert await r.client.receive() == ConnectionClosed()
-    assert r.outcome[0].startswith("protocol error from server: RET_SUBMIT for seqnum 6")
+    assert r.outcome[0].kind is OutcomeKind.PROTOCOL_ERROR
+    assert r.outcome[0].side is Role.SERVER
+    assert r.outcome[0].detail.startswith("protocol error from server: RET_SUBMIT for seqnum 6")
     assert r.session.urbs_completed == ENUMERATION_URBS + 1
 
 
@@ -282,7 +287,10 @@ async def test_a_tls_peer_vanishing_without_close_notify_is_a_lost_connection() 
         await r.client.stream.transport_stream.aclose()  # no close_notify
         assert await r.server.receive() == ConnectionClosed()
     assert r.outcome == [
-        "connection lost: the peer closed the connection without a TLS close_notify"
+        Outcome(
+            OutcomeKind.CONNECTION_LOST,
+            "connection lost: the peer closed the connection without a TLS close_notify",
+        )
     ]
     assert r.session.outcome == r.outcome[0]
 
@@ -302,7 +310,7 @@ async def test_cancelling_wakes_threads_even_when_a_peer_does_not_read() -> None
             while data := await r.server.stream.receive_some(1 << 20):
                 received += len(data)
     assert r.outcome == []
-    assert r.session.outcome == "cancelled (gateway stopping)"
+    assert r.session.outcome == Outcome(OutcomeKind.CANCELLED, "cancelled (gateway stopping)")
     assert received < len(chunk.encode())
 
 
@@ -316,7 +324,7 @@ async def test_memory_streams_stay_on_trio() -> None:
         nursery.start_soon(relay, Splice(), relay_end, relay_server, session)
         await client_end.aclose()
     assert session.data_plane == "trio"
-    assert session.outcome == "closed by client"
+    assert session.outcome == CLOSED_BY_CLIENT
     await server_end.aclose()
     await a.aclose()
     await b.aclose()
