@@ -375,11 +375,11 @@ class ServerGateway:
                 )
             elif not self._load_layout(splice, reply.event.device):
                 refusal = Outcome(
-                    OutcomeKind.OTHER,
+                    OutcomeKind.REFUSED,
                     "device layout in sysfs unreadable or not the imported device",
                 )
-            if facts is None or refusal is not None:
-                session.outcome = refusal or Outcome(OutcomeKind.OTHER, "refused")
+            if refusal is not None or facts is None:
+                session.outcome = refusal or Outcome(OutcomeKind.DENIED, "refused")
                 # Answered as a device that is not there; closing usbipd's socket (on
                 # return) frees the device. Not through the splice: it has seen usbipd's
                 # OK, and nothing more goes through this session.
