@@ -1,0 +1,58 @@
+"""Configuration: each key declared once (settings), read from TOML and flags (reader,
+flags), documented in docs/configuration.md (reference)."""
+
+from gateway.config.address import Address, is_loopback, parse_address
+from gateway.config.errors import ConfigError
+from gateway.config.reader import client_config, load, merge, read_toml, server_config
+from gateway.config.settings import (
+    DATA_PLANES,
+    METRICS_PORT,
+    AgentSettings,
+    AuditSettings,
+    ClientConfig,
+    CompressionSettings,
+    DeviceLabel,
+    DiscoverySettings,
+    ExporterSettings,
+    GatewayConfig,
+    LogFormat,
+    LogSettings,
+    MetricsSettings,
+    PolicySettings,
+    ResourceLimits,
+    Role,
+    ServerConfig,
+    TLSSettings,
+    TransportSettings,
+)
+
+__all__ = [
+    "DATA_PLANES",
+    "METRICS_PORT",
+    "Address",
+    "AgentSettings",
+    "AuditSettings",
+    "ClientConfig",
+    "CompressionSettings",
+    "ConfigError",
+    "DeviceLabel",
+    "DiscoverySettings",
+    "ExporterSettings",
+    "GatewayConfig",
+    "LogFormat",
+    "LogSettings",
+    "MetricsSettings",
+    "PolicySettings",
+    "ResourceLimits",
+    "Role",
+    "ServerConfig",
+    "TLSSettings",
+    "TransportSettings",
+    "client_config",
+    "is_loopback",
+    "load",
+    "merge",
+    "parse_address",
+    "read_toml",
+    "server_config",
+]
