@@ -279,21 +279,12 @@ class _Reader:
             (_, seqnum, devid, direction, ep, flags, length, start, np, interval, setup) = (
                 CMD_SUBMIT_HEADER.unpack_from(buf, pos)
             )
-            if direction not in (Direction.OUT, Direction.IN):
-                raise RemoteProtocolError(f"CMD_SUBMIT direction {direction} is neither 0 nor 1")
-            if not 0 <= ep <= 15:
-                raise RemoteProtocolError(f"CMD_SUBMIT endpoint {ep} is not 0..15")
-            if not 0 <= length <= state.limits.max_transfer_length:
-                raise RemoteProtocolError(
-                    f"transfer_buffer_length {length} is outside "
-                    f"0..{state.limits.max_transfer_length}"
-                )
-            direction = Direction(direction)
             # Cut where usbip-host will: by the endpoint the device has, decided from
             # the header alone, before waiting for (or forwarding) any payload.
-            reason, iso = state.framing_error(ep, direction, np, flags, length)
+            reason, iso = state.submit_header_error(ep, direction, np, flags, length)
             if reason is not None:
-                raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
+                raise RemoteProtocolError(f"CMD_SUBMIT {reason}")
+            direction = Direction(direction)
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
             if len(buf) < end:
@@ -335,15 +326,9 @@ class _Reader:
             urb = state.awaiting(seqnum)
             if urb is None:
                 raise RemoteProtocolError(f"RET_SUBMIT for seqnum {seqnum}, which is not pending")
-            if not 0 <= actual <= urb.transfer_buffer_length:
-                raise RemoteProtocolError(
-                    f"RET_SUBMIT actual_length {actual} is outside "
-                    f"0..{urb.transfer_buffer_length} (the length asked for)"
-                )
-            if urb.iso and np > urb.number_of_packets:
-                raise RemoteProtocolError(
-                    f"RET_SUBMIT has {np} ISO packets, the URB had {urb.number_of_packets}"
-                )
+            reason = state.reply_header_error(urb, actual, np)
+            if reason is not None:
+                raise RemoteProtocolError(reason)
             data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
             if len(buf) < end:

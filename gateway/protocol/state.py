@@ -125,12 +125,19 @@ class ProtocolState:
         """The endpoint as usbip-host will find it: None if absent, UNKNOWN if unknowable."""
         return self.layout.transfer_type(ep, direction)
 
-    def framing_error(
-        self, ep: int, direction: Direction, number_of_packets: int, flags: int, length: int
+    def submit_header_error(
+        self, ep: int, direction: int, number_of_packets: int, flags: int, length: int
     ) -> tuple[str | None, bool]:
-        """Why usbip-host might cut this CMD_SUBMIT otherwise than the header suggests
-        (None if it cannot), and whether it carries ISO descriptors (stub_rx.c)."""
-        kind = self.layout.transfer_type(ep, direction)
+        """Why a CMD_SUBMIT with this header is refused (None if it is not), and whether
+        ISO descriptors follow it. Everything that decides where usbip-host ends the
+        frame is here, so the reader can refuse before it waits for any payload."""
+        if direction not in (Direction.OUT, Direction.IN):
+            return f"direction {direction} is neither 0 nor 1", False
+        if not 0 <= length <= self.limits.max_transfer_length:
+            return (
+                f"transfer_buffer_length {length} is outside 0..{self.limits.max_transfer_length}"
+            ), False
+        kind = self.layout.transfer_type(ep, direction)  # type: ignore[arg-type]
         np = number_of_packets
         iso = kind is TransferType.ISOCHRONOUS
         if iso:
@@ -139,7 +146,26 @@ class ProtocolState:
             fits = kind is not None and kind is not TransferType.UNKNOWN and np in _NO_ISO
         if fits and not (flags & URB_DMA_MAP_SG and length == 0):
             return None, iso
-        return self._framing_reason(kind, ep, direction, np), iso
+        reason = self._framing_reason(kind, ep, Direction(direction), np)
+        return f"refused by the device's endpoints: {reason}", iso
+
+    @staticmethod
+    def reply_header_error(
+        urb: PendingUrb, actual_length: int, number_of_packets: int
+    ) -> str | None:
+        """Why a RET_SUBMIT header for `urb` is refused: what decides its length (data
+        only for IN, at most the buffer; descriptors only for ISO, at most the URB's)."""
+        if not 0 <= actual_length <= urb.transfer_buffer_length:
+            return (
+                f"RET_SUBMIT actual_length {actual_length} is outside "
+                f"0..{urb.transfer_buffer_length} (the length asked for)"
+            )
+        if urb.iso and number_of_packets > urb.number_of_packets:
+            return (
+                f"RET_SUBMIT has {number_of_packets} ISO packets, "
+                f"the URB had {urb.number_of_packets}"
+            )
+        return None
 
     def _framing_reason(
         self, kind: TransferType | None, ep: int, direction: Direction, np: int
@@ -237,13 +263,7 @@ class ProtocolState:
     def _submit(self, event: CmdSubmit, error: type[ProtocolError]) -> PendingUrb:
         self._check_devid(event.devid, error)
         self._check_new_seqnum(event.seqnum, error)
-        limits = self.limits
-        if event.transfer_buffer_length > limits.max_transfer_length:
-            raise error(
-                f"transfer_buffer_length {event.transfer_buffer_length} is over the "
-                f"limit of {limits.max_transfer_length}"
-            )
-        reason, iso = self.framing_error(
+        reason, iso = self.submit_header_error(
             event.ep,
             event.direction,
             event.number_of_packets,
@@ -293,18 +313,14 @@ class ProtocolState:
         urb = self.pending.pop(event.seqnum, None) or self._answered.pop(event.seqnum, None)
         if urb is None:
             raise error(f"RET_SUBMIT for seqnum {event.seqnum}, which is not pending")
-        if event.actual_length > urb.transfer_buffer_length:
-            raise error(
-                f"RET_SUBMIT actual_length {event.actual_length} is over the "
-                f"transfer_buffer_length {urb.transfer_buffer_length} asked for"
-            )
+        reason = self.reply_header_error(urb, event.actual_length, event.number_of_packets)
+        if reason is not None:
+            raise error(reason)
         expected = event.actual_length if urb.direction == Direction.IN else 0
         if len(event.data) != expected:
             raise error(f"RET_SUBMIT {urb.direction.name} carries {expected} data bytes")
         if urb.iso:
             np = event.number_of_packets
-            if np > urb.number_of_packets:
-                raise error(f"RET_SUBMIT has {np} ISO packets, the URB had {urb.number_of_packets}")
             if len(event.iso_packets) != np:
                 raise error(f"RET_SUBMIT needs {np} ISO packet descriptors")
             # vhci moves each packet's data to buffer + offset (usbip_pad_iso).

@@ -359,7 +359,7 @@ async def test_interface_alternates(sim: Sim) -> None:
 
 def absent_endpoint(client: Client, ep: int, direction: Direction, packets: int = 0) -> bool:
     """Whether the client's codec would refuse a URB to `ep` as absent from the device."""
-    reason, _ = client.conn.state.framing_error(ep, direction, packets, 0, 512)
+    reason, _ = client.conn.state.submit_header_error(ep, direction, packets, 0, 512)
     return reason is not None and "does not exist" in reason
 
 
@@ -437,7 +437,7 @@ async def test_isochronous_alternate(sim: Sim, server: SimServer) -> None:
     early = Urb(1, 2, Direction.IN, 2548, number_of_packets=len(iso), iso_packets=iso)
     assert (await server.devices["1-1"].submit(early)).status == -EPIPE
     assert (await client.control(0x01, 0x0B, 1, 0)).status == 0
-    assert client.conn.state.framing_error(2, Direction.IN, len(iso), 0, 3072) == (None, True)
+    assert client.conn.state.submit_header_error(2, Direction.IN, len(iso), 0, 3072) == (None, True)
 
     ret = await client.transfer(2, Direction.IN, 3072, iso=iso)
     assert ret.status == 0
