@@ -141,9 +141,6 @@ class UsbSysfs:
         """`add BUSID` / `del BUSID` on usbip-host's match list (OSError if refused)."""
         (self.usbip_host / "match_busid").write_text(f"{op} {busid}")
 
-    def has_usbip_host(self) -> bool:
-        return (self.usbip_host / "match_busid").exists()
-
 
 def _read(path: Path) -> str | None:
     try:

@@ -147,7 +147,6 @@ class RelayMachine(RuleBasedStateMachine):
         self.urbs = ENUMERATION_URBS  # loopback URBs submitted
         self.rets = ENUMERATION_URBS  # loopback RET_SUBMITs received
         self.unlinked = 0  # loopback URBs ended by RET_UNLINK -ECONNRESET
-        self.counter = 0
 
     # -- plumbing (these run in the Trio thread)
 
