@@ -44,6 +44,7 @@ from gateway.protocol.constants import OP_HEADER, URB_HEADER_SIZE
 from gateway.protocol.descriptors import DESC_CONFIGURATION, GET_DESCRIPTOR, SET_CONFIGURATION
 from gateway.sim.catalog import make_devices
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
 from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
 from ..pkitools import PKI, client_config, server_config
@@ -125,10 +126,10 @@ async def pair(pki: PKI, nursery: trio.Nursery) -> Pair:
     config: ServerConfig = server_config(pki, upstream, request_timeout=REQUEST_TIMEOUT)
     server = ServerGateway(config, strings=sim)
     listeners = await nursery.start(server.serve)
-    server_address = Address(*listeners[0].socket.getsockname()[:2])
+    server_address = local_address(listeners[0])
     client = ClientGateway(client_config(pki, server_address))
     listeners = await nursery.start(client.serve)
-    client_address = Address(*listeners[0].socket.getsockname()[:2])
+    client_address = local_address(listeners[0])
     return Pair(sim, sim_sessions, usbipd, server, client, client_address)
 
 
