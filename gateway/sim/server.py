@@ -41,13 +41,13 @@ from ..protocol import (
     RetUnlink,
     Role,
 )
+from ..transport.reads import RECEIVE_SIZE
 from .catalog import make_devices
 from .device import SimDevice
 from .urb import EPROTO, Urb, UrbResult
 
 log = logging.getLogger("gateway.sim")
 
-RECEIVE_SIZE = 256 * 1024
 # Stop reading new URBs while this much reply data waits for a slow reader.
 OUTBOX_HIGH_WATER = 4 * 1024 * 1024
 

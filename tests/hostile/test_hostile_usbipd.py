@@ -29,7 +29,6 @@ from gateway.protocol import (
     ConnectionClosed,
     DeviceInfo,
     Direction,
-    NeedData,
     OpCode,
     OpReplyImport,
     OpRequestImport,
@@ -45,6 +44,7 @@ from gateway.protocol.descriptors import DESC_CONFIGURATION, GET_DESCRIPTOR, SET
 from gateway.sim.catalog import make_devices
 from gateway.sim.server import SimServer, serve_sim
 from gateway.transport.names import local_address
+from gateway.transport.reads import next_event
 from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
 from ..pkitools import PKI, client_config, server_config
@@ -237,8 +237,7 @@ async def import_hostile(pair: Pair) -> bytes:
     conn = Connection(Role.CLIENT)
     async with stream:
         await stream.send_all(conn.send(OpRequestImport(HOSTILE_BUSID)))
-        while isinstance(reply := conn.next_event(), NeedData):
-            conn.receive_data(await stream.receive_some(65536))
+        reply = await next_event(stream, conn)
         if not isinstance(reply, OpReplyImport) or reply.device is None:
             assert isinstance(reply, ConnectionClosed), f"unexpected {reply!r}"
             return b""
@@ -258,8 +257,7 @@ async def enumerate_hostile(stream: trio.SocketStream, conn: Connection) -> None
         direction = Direction.IN if setup.is_in else Direction.OUT
         cmd = CmdSubmit(seqnum, HOSTILE.devid, direction, 0, setup.length, setup=setup.encode())
         await stream.send_all(conn.send(cmd))
-        while isinstance(reply := conn.next_event(), NeedData):
-            conn.receive_data(await stream.receive_some(65536))
+        reply = await next_event(stream, conn)
         assert isinstance(reply, RetSubmit), f"unexpected {reply!r}"
         assert (reply.seqnum, reply.status) == (seqnum, 0)
         return reply
