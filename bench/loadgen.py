@@ -34,8 +34,9 @@ from gateway.protocol import (
 )
 from gateway.protocol.descriptors import GET_DESCRIPTOR, SET_CONFIGURATION
 from gateway.sim.gadget_zero import Pattern, PatternBuffer
+from gateway.transport.reads import next_event
 
-RECEIVE_SIZE = 1024 * 1024
+RECEIVE_SIZE = 1024 * 1024  # per read: this client takes replies in big batches
 BULK_EP = 1
 PACKET = 512  # high-speed bulk: the pattern restarts every packet
 DIRECTIONS = ("in", "out", "mixed")
@@ -81,7 +82,7 @@ class Device:
             conn = Connection(Role.CLIENT)
             try:
                 await stream.send_all(conn.send(OpRequestImport(busid)))
-                reply = await cls._next(stream, conn)
+                reply = await next_event(stream, conn, RECEIVE_SIZE)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -94,14 +95,6 @@ class Device:
             if not busy or trio.current_time() > deadline:
                 raise BenchError(f"import of {busid} failed: {reply!r}")
             await trio.sleep(0.05)
-
-    @staticmethod
-    async def _next(stream: trio.SocketStream, conn: Connection) -> object:
-        while True:
-            event = conn.next_event()
-            if not isinstance(event, NeedData):
-                return event
-            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -121,7 +114,7 @@ class Device:
                 setup=setup.encode(),
             )
             await self.stream.send_all(self.conn.send(cmd))
-            reply = await self._next(self.stream, self.conn)
+            reply = await next_event(self.stream, self.conn, RECEIVE_SIZE)
             if not isinstance(reply, RetSubmit) or reply.status != 0:
                 raise BenchError(f"enumeration failed: {reply!r}")
             return reply

@@ -221,57 +221,6 @@ class Launcher:
         client_proc = self.spawn(f"{log}-client", client_argv, root)
         await wait_listening(client)
         return Path_(name, client, [client_proc, server_proc])
-        pki = self.pki
-        server_proc = self.spawn(
-            f"{tag}-server",
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "server",
-                "--listen",
-                f"{LOOPBACK}:{server}",
-                "--upstream",
-                f"{LOOPBACK}:{sim.port}",
-                "--cert",
-                str(pki / "server.pem"),
-                "--key",
-                str(pki / "server.key"),
-                "--ca",
-                str(pki / "ca.pem"),
-                "--log-level",
-                "warning",
-                *extra,
-            ],
-        )
-        await wait_listening(server)
-        client_proc = self.spawn(
-            f"{tag}-client",
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "client",
-                "--listen",
-                f"{LOOPBACK}:{client}",
-                "--server",
-                f"{LOOPBACK}:{server}",
-                "--server-name",
-                "localhost",
-                "--cert",
-                str(pki / "client.pem"),
-                "--key",
-                str(pki / "client.key"),
-                "--ca",
-                str(pki / "ca.pem"),
-                "--log-level",
-                "warning",
-                *extra,
-            ],
-        )
-        await wait_listening(client)
-        name = "gateway mTLS+zstd" if zstd else "gateway mTLS"
-        return Path_(name, client, [client_proc, server_proc])
 
     async def stunnel(self, sim: Path_) -> Path_:
         server, client = free_port(), free_port()

@@ -34,6 +34,7 @@ from gateway.pki.ca import PKIError, make_demo_pki
 from gateway.protocol import ECONNRESET, Direction
 from gateway.sim.device import SimDevice
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
 from gateway.usbip.importer import import_device, list_devices
 
 log = logging.getLogger("gateway.demo")
@@ -52,11 +53,6 @@ class Stack:
     sim_address: Address
     server_address: Address
     client_address: Address
-
-
-def _bound(listeners: list[Any]) -> Address:
-    host, port = listeners[0].socket.getsockname()[:2]
-    return Address(host, port)
 
 
 async def start_stack(
@@ -84,7 +80,7 @@ async def start_stack(
         ),
         strings=sim,
     )
-    server_address = _bound(await nursery.start(server.serve))
+    server_address = local_address((await nursery.start(server.serve))[0])
     client = ClientGateway(
         ClientConfig(
             tls=client_tls,
@@ -94,7 +90,7 @@ async def start_stack(
             transport=transport,
         )
     )
-    client_address = _bound(await nursery.start(client.serve))
+    client_address = local_address((await nursery.start(client.serve))[0])
     return Stack(sim, server, client, sim_address, server_address, client_address)
 
 

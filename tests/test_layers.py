@@ -11,8 +11,8 @@ GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
     "pki": set(),
-    "transport": set(),
-    "usbip": {"protocol"},
+    "transport": {"config", "protocol"},  # the Address type; a codec's read loop
+    "usbip": {"protocol", "transport"},
     "accounting": {"protocol"},
     "policy": {"protocol", "transport"},  # the identity a rule names (transport.identity)
     "config": {"policy", "protocol"},

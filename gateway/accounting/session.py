@@ -38,7 +38,8 @@ class Session:
     started: float  # wall-clock seconds, for humans
     id: int = field(default_factory=lambda: next(_ids))
     request: str = ""  # "devlist" or "import"
-    busid: str = ""
+    busid: str = ""  # as requested
+    device: str = ""  # the bus id usbipd answered an accepted import with
     bytes_from_client: int = 0
     bytes_from_server: int = 0
     urbs_submitted: int = 0
@@ -89,8 +90,11 @@ class Session:
                         OutcomeKind.REFUSED,
                         f"import refused by usbipd (status {event.status})",  # type: ignore[union-attr]
                     )
-                elif self.meter is not None:
-                    self.meter.imported(self.busid, event.device)  # type: ignore[union-attr]
+                else:
+                    device = event.device  # type: ignore[union-attr]
+                    self.device = device.busid if device is not None else self.busid
+                    if self.meter is not None:
+                        self.meter.imported(self.busid, device)
             elif kind is OpReplyDevlist:
                 self.op_status = event.status  # type: ignore[union-attr]
 

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from gateway.config import ExporterSettings
+from gateway.edges.device_facts import read_attribute
 from gateway.policy import ClientFacts, DeviceFacts, Policy
 
 log = logging.getLogger("gateway.companions.exporter")
@@ -141,19 +142,10 @@ class UsbSysfs:
         """`add BUSID` / `del BUSID` on usbip-host's match list (OSError if refused)."""
         (self.usbip_host / "match_busid").write_text(f"{op} {busid}")
 
-    def has_usbip_host(self) -> bool:
-        return (self.usbip_host / "match_busid").exists()
-
 
 def _read(path: Path) -> str | None:
-    try:
-        with path.open("rb") as f:
-            raw = f.read(_MAX_ATTR + 1)
-    except OSError:
-        return None
-    if len(raw) > _MAX_ATTR:
-        return None
-    return raw.decode("utf-8", "replace").strip() or None
+    raw = read_attribute(path, _MAX_ATTR)
+    return None if raw is None else raw.decode("utf-8", "replace").strip() or None
 
 
 def _hex(path: Path) -> int | None:

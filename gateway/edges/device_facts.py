@@ -58,17 +58,8 @@ class SysfsStrings:
 
 
 def _read(path: Path) -> str | None:
-    try:
-        with path.open("rb") as f:
-            raw = f.read(_MAX_STRING + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.debug("cannot read %s: %s", path, exc)
-        return None
-    if len(raw) > _MAX_STRING:
-        return None
-    return raw.decode("utf-8", "replace").rstrip("\n") or None
+    raw = read_attribute(path, _MAX_STRING)
+    return None if raw is None else raw.decode("utf-8", "replace").rstrip("\n") or None
 
 
 def publish_sysfs(root: Path, busid: str, strings: DeviceStrings) -> None:
@@ -110,7 +101,7 @@ class SysfsLayout:
         if check_busid(busid) is not None:
             return None
         directory = self.root / busid
-        raw = _read_bytes(directory / "descriptors", _MAX_DESCRIPTORS)
+        raw = read_attribute(directory / "descriptors", _MAX_DESCRIPTORS)
         configurations = None if raw is None else split_descriptors(raw)
         if configurations is None:
             return None
@@ -143,10 +134,14 @@ class SysfsLayout:
 _MAX_DESCRIPTORS = 1024 * 1024  # far above any real device; bounds a hostile sysfs
 
 
-def _read_bytes(path: Path, limit: int) -> bytes | None:
+def read_attribute(path: Path, limit: int) -> bytes | None:
+    """A sysfs file's bytes; None when absent, unreadable or longer than `limit` (a
+    hostile or broken sysfs must not make a gateway read without end)."""
     try:
         with path.open("rb") as f:
             raw = f.read(limit + 1)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
         log.debug("cannot read %s: %s", path, exc)
         return None
@@ -154,7 +149,7 @@ def _read_bytes(path: Path, limit: int) -> bytes | None:
 
 
 def _read_int(path: Path, base: int = 10) -> int | None:
-    raw = _read_bytes(path, 64)
+    raw = read_attribute(path, 64)
     try:
         return None if raw is None else int(raw.decode("ascii").strip() or "0", base)
     except (UnicodeDecodeError, ValueError):

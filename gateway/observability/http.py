@@ -20,7 +20,7 @@ import h11
 import trio
 
 from gateway.config import Address
-from gateway.transport.names import peer_name
+from gateway.transport.names import local_address, peer_name
 
 from .connections import ConnectionTable, Slot
 from .endpoints import TEXT, respond
@@ -215,10 +215,10 @@ async def serve_http(
     limits = limits or HttpLimits(idle_timeout=metrics.settings.idle_timeout)
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
-        metrics.http_addresses.append(Address(host, port))
+        bound = local_address(listener)
+        metrics.http_addresses.append(bound)
         what = "metrics, health and status" if status else "metrics and health"
-        log.info("%s on http://%s/", what, Address(host, port))
+        log.info("%s on http://%s/", what, bound)
     task_status.started(listeners)
     endpoint = HttpEndpoint(metrics, status=status, limits=limits)
     await trio.serve_listeners(endpoint.handle, listeners)

@@ -398,7 +398,7 @@ def _session_status(session: Session) -> dict[str, Any]:
         "address": session.address,
         "request": session.request,
         "busid": session.busid,
-        "device": meter.device if meter is not None else "",
+        "device": session.device,
         "started": session.started,
         "bytes_from_client": session.bytes_from_client,
         "bytes_from_server": session.bytes_from_server,

@@ -410,11 +410,6 @@ def write_crl(directory: Path, serials: Iterable[int], *, days: int = CRL_DAYS) 
 # --- describing ----------------------------------------------------------------------------
 
 
-def _cn(name: x509.Name) -> str | None:
-    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else None
-
-
 def _key_desc(cert: x509.Certificate) -> str:
     pub = cert.public_key()
     if isinstance(pub, rsa.RSAPublicKey):

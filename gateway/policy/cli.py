@@ -78,23 +78,25 @@ def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path) -> Policy:
-    """The policy in `path`; OSError and PolicyError go to the caller."""
-    return Policy.parse(path.read_text(encoding="utf-8"), source=str(path))
-
-
 def _fail(message: str) -> int:
     print(message, file=sys.stderr)
     return EXIT_ERROR
 
 
-def run_check(args: argparse.Namespace) -> int:
+def _load(path: Path) -> Policy | int:
+    """The policy in `path`, or the exit status once why it could not be had is printed."""
     try:
-        policy = _load(args.file)
+        return Policy.parse(path.read_text(encoding="utf-8"), source=str(path))
     except PolicyError as exc:
         return _fail(str(exc))
     except (OSError, UnicodeDecodeError) as exc:
-        return _fail(f"{args.file}: cannot read: {exc}")
+        return _fail(f"{path}: cannot read: {exc}")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    policy = _load(args.file)
+    if isinstance(policy, int):
+        return policy
     print(f"{args.file}: ok, {policy.summary()}")
     return EXIT_OK
 
@@ -154,12 +156,9 @@ def device_from_args(args: argparse.Namespace) -> DeviceFacts:
 def run_explain(args: argparse.Namespace) -> int:
     if not args.client and args.cert is None:
         return _fail("explain needs --client or --cert")
-    try:
-        policy = _load(args.file)
-    except PolicyError as exc:
-        return _fail(str(exc))
-    except (OSError, UnicodeDecodeError) as exc:
-        return _fail(f"{args.file}: cannot read: {exc}")
+    policy = _load(args.file)
+    if isinstance(policy, int):
+        return policy
     try:
         client = client_from_args(args.client, args.cert)
         device = device_from_args(args)

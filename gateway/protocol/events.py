@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from .constants import (
     BUSID_SIZE,
     ISO_DESCRIPTOR,
-    NO_ISO_PACKETS,
     OP_HEADER,
     URB_HEADER_SIZE,
     USBIP_VERSION,
@@ -184,11 +183,6 @@ class CmdSubmit:
             )
         if self.iso_packets and self.number_of_packets != len(self.iso_packets):
             raise LocalProtocolError("number_of_packets must count the ISO descriptors")
-
-    @property
-    def is_iso_shaped(self) -> bool:
-        """The fallback ISO signal when the endpoint's descriptor was not seen."""
-        return self.number_of_packets not in (0, NO_ISO_PACKETS)
 
     def encode(self) -> bytes:
         head = CMD_SUBMIT_HEADER.pack(

@@ -6,7 +6,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from .constants import BUSID_SIZE, PATH_SIZE, Speed
+from .constants import BUSID_SIZE, PATH_SIZE
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _DEVICE = struct.Struct(">256s32sIIIHHHBBBBBB")
@@ -108,13 +108,6 @@ class DeviceInfo:
     def devid(self) -> int:
         """The URB-phase device id: busnum << 16 | devnum."""
         return (self.busnum << 16) | self.devnum
-
-    @property
-    def speed_name(self) -> str:
-        try:
-            return Speed(self.speed).name.lower()
-        except ValueError:
-            return "unknown"
 
     def encode(self) -> bytes:
         return _DEVICE.pack(

@@ -9,11 +9,11 @@ from typing import Any
 
 import trio
 
-from ..config import ConfigError, parse_address
+from ..config import Address, ConfigError, parse_address
 from ..protocol import DEFAULT_PORT
 from .catalog import DEVICE_NAMES, make_devices
 from .gadget_zero import Pattern
-from .server import SimServer, format_address, serve_sim
+from .server import SimServer, serve_sim
 
 log = logging.getLogger("gateway.sim")
 
@@ -79,7 +79,7 @@ def run_sim(args: argparse.Namespace) -> int:
     except* KeyboardInterrupt:
         log.info("interrupted, stopping")
     except* OSError as group:
-        log.error("cannot listen on %s: %s", format_address(host, port), group.exceptions[0])
+        log.error("cannot listen on %s: %s", Address(host, port), group.exceptions[0])
         failed = True
     return 1 if failed else 0
 

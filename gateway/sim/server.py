@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from ..config import Address
 from ..edges.device_facts import DeviceStrings, publish_sysfs
 from ..protocol import (
     DEFAULT_PORT,
@@ -40,22 +41,17 @@ from ..protocol import (
     RetUnlink,
     Role,
 )
-from ..transport.names import format_sockaddr
+from ..transport.reads import RECEIVE_SIZE
 from .catalog import make_devices
 from .device import SimDevice
 from .urb import EPROTO, Urb, UrbResult
 
 log = logging.getLogger("gateway.sim")
 
-RECEIVE_SIZE = 256 * 1024
 # Stop reading new URBs while this much reply data waits for a slow reader.
 OUTBOX_HIGH_WATER = 4 * 1024 * 1024
 
 _CONNECTION_LOST = (trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-def format_address(host: str, port: int) -> str:
-    return format_sockaddr((host, port))
 
 
 class SimServer:
@@ -117,7 +113,7 @@ class SimServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self.handle_stream, self.listeners)
             for host, port in self.addresses:
-                log.info("listening on %s", format_address(host, port))
+                log.info("listening on %s", Address(host, port))
             task_status.started(self)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:

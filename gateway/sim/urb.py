@@ -7,11 +7,8 @@ from dataclasses import dataclass
 from ..protocol import CmdSubmit, Direction, IsoPacket, Setup
 
 # Completion statuses are negative errno values, as the kernel stub sends them.
-ENOENT = 2
-EINVAL = 22
 EPIPE = 32  # a STALL
 EPROTO = 71
-EOVERFLOW = 75
 ECONNRESET = 104
 EREMOTEIO = 121  # a short IN transfer with URB_SHORT_NOT_OK
 

@@ -61,6 +61,7 @@ from typing import IO, Any, Literal, cast
 import trio
 import zstandard
 
+from gateway.transport.reads import RECEIVE_SIZE
 from gateway.transport.tls import ALPN_PLAIN, ALPN_ZSTD, negotiated_alpn
 
 CHUNK_SIZE = 64 * 1024  # plain bytes per chunk a sender here writes
@@ -81,7 +82,6 @@ DECODE_STEP = MAX_CHUNK + 1
 # gateway, and a level's defaults (2 MiB window, 512 KiB tables at level 3) cost about
 # 0.9 MiB per session where these cost 0.4, for the same ratio on 64 KiB chunks.
 WINDOW_LOG, HASH_LOG, CHAIN_LOG = 17, 15, 15
-RECEIVE_SIZE = 256 * 1024
 
 _HEAD = struct.Struct(">BI")
 _ZSTD_EXTRA = struct.Struct(">I")

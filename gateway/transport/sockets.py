@@ -19,6 +19,8 @@ from typing import Literal
 
 import trio
 
+from gateway.config import Address
+
 log = logging.getLogger("gateway.transport")
 
 IPPROTO_MPTCP: int = getattr(socket, "IPPROTO_MPTCP", 262)
@@ -118,6 +120,7 @@ async def open_tcp(
     Raises OSError; a timeout is a TimeoutError, which is one.
     """
     opts = SocketOptions(keepalive_idle, keepalive_interval, keepalive_count)
+    where = Address(host, port)
     errors: list[OSError] = []
     try:
         with trio.fail_after(connect_timeout):
@@ -137,13 +140,14 @@ async def open_tcp(
                 return trio.SocketStream(sock)
     except trio.TooSlowError:
         raise TimeoutError(
-            errno.ETIMEDOUT, f"connecting to {host}:{port} timed out after {connect_timeout:g}s"
+            errno.ETIMEDOUT,
+            f"connecting to {Address(host, port)} timed out after {connect_timeout:g}s",
         ) from None
     if len(errors) == 1:
         raise errors[0]
-    raise OSError(
-        f"could not connect to {host}:{port}: " + "; ".join(str(e) for e in errors)
-    ) from (errors[-1] if errors else None)
+    raise OSError(f"could not connect to {where}: " + "; ".join(str(e) for e in errors)) from (
+        errors[-1] if errors else None
+    )
 
 
 class TunedListener(trio.abc.Listener[trio.SocketStream]):

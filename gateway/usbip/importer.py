@@ -22,7 +22,6 @@ from gateway.protocol import (
     Event,
     ExportedDevice,
     Limits,
-    NeedData,
     OpReplyDevlist,
     OpReplyImport,
     OpRequestDevlist,
@@ -33,8 +32,7 @@ from gateway.protocol import (
     Role,
 )
 from gateway.protocol.descriptors import GET_DESCRIPTOR, SET_CONFIGURATION, Setup
-
-RECEIVE_SIZE = 256 * 1024
+from gateway.transport.reads import next_event
 
 
 class ImportRefused(Exception):
@@ -58,11 +56,7 @@ class _Link:
         await self.stream.send_all(self.conn.send(event))
 
     async def next_event(self) -> Event:
-        while True:
-            event = self.conn.next_event()
-            if not isinstance(event, NeedData):
-                return event
-            self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+        return await next_event(self.stream, self.conn)
 
 
 async def list_devices(

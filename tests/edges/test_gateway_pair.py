@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
@@ -13,6 +14,7 @@ import trustme
 
 from gateway.config import Address, TLSSettings
 from gateway.demo import Stack, self_check, start_stack
+from gateway.observability.endpoints import respond
 from gateway.protocol import Direction, OpStatus
 from gateway.transport.tls import client_context
 from gateway.usbip.importer import ImportRefused, import_device, list_devices
@@ -90,6 +92,19 @@ async def test_device_in_use_and_unknown_device(stack: Stack) -> None:
         await import_device(await _connect(stack.client_address), "9-9")
     assert unknown.value.status == OpStatus.NODEV
     await first.aclose()
+
+
+async def test_status_names_the_imported_device_on_both_gateways(stack: Stack) -> None:
+    device = await import_device(await _connect(stack.client_address), "1-2")
+    for gateway in (stack.server, stack.client):
+        _, _, body = await respond(gateway.metrics, "GET", "/status")
+        (session,) = json.loads(body)["sessions"]
+        assert (session["request"], session["busid"], session["device"]) == (
+            "import",
+            "1-2",
+            "1-2",
+        )
+    await device.aclose()
 
 
 async def _tls_to_server(stack: Stack, context: ssl.SSLContext) -> bytes:

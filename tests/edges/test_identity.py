@@ -22,6 +22,7 @@ from gateway.edges.client_gateway import ClientGateway
 from gateway.edges.server_gateway import ServerGateway
 from gateway.logs import TextFormatter
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
 
 from ..badcerts import der, issue, san, subject_string
 from ..pkitools import PKI, client_config, server_config
@@ -54,7 +55,7 @@ async def gateway(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Gateway:
     )
     server = ServerGateway(config, strings=sim)
     listeners = await nursery.start(server.serve)
-    return Gateway(sim, server, Address(*listeners[0].socket.getsockname()[:2]), audit)
+    return Gateway(sim, server, local_address(listeners[0]), audit)
 
 
 async def devlist_over_tls(gateway: Gateway, tls: TLSSettings) -> bytes:
@@ -195,9 +196,9 @@ async def test_the_client_gateway_refuses_a_server_certificate_it_cannot_decode(
     server = ServerGateway(
         replace(server_config(pki, Address(*sim.addresses[0])), tls=server_tls), strings=sim
     )
-    server_address = Address(*(await nursery.start(server.serve))[0].socket.getsockname()[:2])
+    server_address = local_address((await nursery.start(server.serve))[0])
     client = ClientGateway(client_config(pki, server_address))
-    local = Address(*(await nursery.start(client.serve))[0].socket.getsockname()[:2])
+    local = local_address((await nursery.start(client.serve))[0])
     stream = await trio.open_tcp_stream(local.host, local.port)
     with trio.fail_after(10):
         await stream.send_all(OP_REQ_DEVLIST)

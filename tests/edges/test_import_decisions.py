@@ -17,6 +17,7 @@ from gateway.config import Address, AuditSettings, PolicySettings, TLSSettings
 from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import ExportedDevice, InterfaceInfo
 from gateway.sim.catalog import make_devices
+from gateway.transport.names import local_address
 
 from ..pkitools import PKI, server_config
 from .recording_usbipd import RecordingUsbipd
@@ -79,7 +80,7 @@ async def lab(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Lab:
     )
     server = ServerGateway(config)
     listeners = await nursery.start(server.serve)
-    address = Address(*listeners[0].socket.getsockname()[:2])
+    address = local_address(listeners[0])
     lab = Lab(usbipd, server, address, pki.client_tls(), audit)
     lab.plug(*CATALOG.values())
     return lab

@@ -18,6 +18,7 @@ from gateway.edges.client_gateway import ClientGateway
 from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import CmdSubmit, Direction, OpStatus
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
 from gateway.usbip.importer import ImportRefused, import_device, list_devices
 
 from ..pkitools import PKI, client_config, issue_client, server_config
@@ -50,7 +51,7 @@ async def _start_client(
 ) -> Address:
     gateway = ClientGateway(replace(client_config(pki, server), tls=tls))
     listeners = await nursery.start(gateway.serve)
-    return Address(*listeners[0].socket.getsockname()[:2])
+    return local_address(listeners[0])
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ async def lab(pki: PKI, tmp_path: Path, nursery: trio.Nursery) -> Lab:
     )
     server = ServerGateway(config, strings=sim)
     listeners = await nursery.start(server.serve)
-    server_address = Address(*listeners[0].socket.getsockname()[:2])
+    server_address = local_address(listeners[0])
     alice = issue_client(pki, tmp_path, "alice", uris=("spiffe://lab.test/alice",))
     bob = issue_client(pki, tmp_path, "bob", dns=("bob.lab.test",))
     return Lab(
@@ -216,7 +217,7 @@ async def test_a_client_no_rule_mentions_never_reaches_usbipd(
     lab: Lab, pki: PKI, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     carol = issue_client(pki, tmp_path, "carol")
-    server_address = Address(*lab.server_listeners[0].socket.getsockname()[:2])
+    server_address = local_address(lab.server_listeners[0])
     address = await _start_client(nursery, pki, carol, server_address)
     before = lab.sim.connections_accepted
     # Every rule names alice or bob, so the default decides from the certificate alone.

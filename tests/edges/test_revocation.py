@@ -16,6 +16,7 @@ from gateway.edges.client_gateway import ClientGateway
 from gateway.edges.reloading import watch_tls
 from gateway.pki.cli import add_certs_parser
 from gateway.protocol import Direction
+from gateway.transport.names import local_address
 from gateway.transport.tls import ReloadableContext
 from gateway.usbip.importer import import_device, list_devices
 
@@ -55,7 +56,7 @@ async def _client(nursery: trio.Nursery, d: Path, name: str, server: Address) ->
         )
     )
     listeners = await nursery.start(gateway.serve)
-    return Address(*listeners[0].socket.getsockname()[:2])
+    return local_address(listeners[0])
 
 
 async def _list(address: Address) -> int:

@@ -44,6 +44,7 @@ from gateway.protocol import ECONNRESET, Direction, Setup
 from gateway.sim.catalog import make_devices
 from gateway.sim.gadget_zero import REQ_CTRL_READ, REQ_CTRL_WRITE
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
 from gateway.usbip.importer import Completion, ImportedDevice, import_device
 
 from ..hostile.usbipd import Tracker
@@ -97,11 +98,9 @@ class Portal:
                 server_config(self._pki, Address(*self.sim.addresses[0])), strings=self.sim
             )
             listeners = await nursery.start(self.server.serve)
-            self.client = ClientGateway(
-                client_config(self._pki, Address(*listeners[0].socket.getsockname()[:2]))
-            )
+            self.client = ClientGateway(client_config(self._pki, local_address(listeners[0])))
             listeners = await nursery.start(self.client.serve)
-            self.address = Address(*listeners[0].socket.getsockname()[:2])
+            self.address = local_address(listeners[0])
             self.token = trio.lowlevel.current_trio_token()
             self._ready.set()
 
@@ -149,7 +148,6 @@ class RelayMachine(RuleBasedStateMachine):
         self.urbs = ENUMERATION_URBS  # loopback URBs submitted
         self.rets = ENUMERATION_URBS  # loopback RET_SUBMITs received
         self.unlinked = 0  # loopback URBs ended by RET_UNLINK -ECONNRESET
-        self.counter = 0
 
     # -- plumbing (these run in the Trio thread)
 

@@ -29,7 +29,6 @@ from gateway.protocol import (
     ConnectionClosed,
     DeviceInfo,
     Direction,
-    NeedData,
     OpCode,
     OpReplyImport,
     OpRequestImport,
@@ -44,6 +43,8 @@ from gateway.protocol.constants import OP_HEADER, URB_HEADER_SIZE
 from gateway.protocol.descriptors import DESC_CONFIGURATION, GET_DESCRIPTOR, SET_CONFIGURATION
 from gateway.sim.catalog import make_devices
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
+from gateway.transport.reads import next_event
 from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
 from ..pkitools import PKI, client_config, server_config
@@ -125,10 +126,10 @@ async def pair(pki: PKI, nursery: trio.Nursery) -> Pair:
     config: ServerConfig = server_config(pki, upstream, request_timeout=REQUEST_TIMEOUT)
     server = ServerGateway(config, strings=sim)
     listeners = await nursery.start(server.serve)
-    server_address = Address(*listeners[0].socket.getsockname()[:2])
+    server_address = local_address(listeners[0])
     client = ClientGateway(client_config(pki, server_address))
     listeners = await nursery.start(client.serve)
-    client_address = Address(*listeners[0].socket.getsockname()[:2])
+    client_address = local_address(listeners[0])
     return Pair(sim, sim_sessions, usbipd, server, client, client_address)
 
 
@@ -236,8 +237,7 @@ async def import_hostile(pair: Pair) -> bytes:
     conn = Connection(Role.CLIENT)
     async with stream:
         await stream.send_all(conn.send(OpRequestImport(HOSTILE_BUSID)))
-        while isinstance(reply := conn.next_event(), NeedData):
-            conn.receive_data(await stream.receive_some(65536))
+        reply = await next_event(stream, conn)
         if not isinstance(reply, OpReplyImport) or reply.device is None:
             assert isinstance(reply, ConnectionClosed), f"unexpected {reply!r}"
             return b""
@@ -257,8 +257,7 @@ async def enumerate_hostile(stream: trio.SocketStream, conn: Connection) -> None
         direction = Direction.IN if setup.is_in else Direction.OUT
         cmd = CmdSubmit(seqnum, HOSTILE.devid, direction, 0, setup.length, setup=setup.encode())
         await stream.send_all(conn.send(cmd))
-        while isinstance(reply := conn.next_event(), NeedData):
-            conn.receive_data(await stream.receive_some(65536))
+        reply = await next_event(stream, conn)
         assert isinstance(reply, RetSubmit), f"unexpected {reply!r}"
         assert (reply.seqnum, reply.status) == (seqnum, 0)
         return reply

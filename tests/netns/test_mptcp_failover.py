@@ -262,10 +262,6 @@ def _session_end(line: str) -> dict[str, Any] | None:
     return None
 
 
-def _is_round(line: str) -> bool:
-    return line.startswith(("round ", "error:", "done"))
-
-
 def _transfer_and_cut(running: Running, monitor: Lines | None) -> Lines:
     """Start the load; once it runs (and the second subflow is up), take path 1 down."""
     ns = running.ns

@@ -10,7 +10,6 @@ from .helpers import ALICE, device, holds
 
 STORAGE = (0x08, 0x06, 0x50)
 KEYBOARD = (0x03, 0x01, 0x01)
-MOUSE = (0x03, 0x01, 0x02)
 COMBO = device(interfaces=(STORAGE, KEYBOARD))  # a flash disk that also types
 DISK = device(interfaces=(STORAGE,))
 TWO_LUNS = device(interfaces=(STORAGE, (0x08, 0x06, 0x62)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from gateway.protocol import (
     CmdUnlink,
     DeviceInfo,
     Direction,
+    Frame,
     IsoPacket,
     OpReplyImport,
     OpRequestImport,
@@ -89,26 +91,42 @@ def splice_frames(stream: bytes) -> list[tuple[int, int]]:
         (S, reply_import(info)),
         *((sender, event.encode()) for sender, event in enumeration_steps(DEVID, CONFIG)),
     ]
-    for sender, raw in steps:
-        splice.receive_data(sender, raw)
-        assert splice.next_frame(sender) is not NEED_DATA
-    splice.receive_data(C, stream)
+
+    def answer(frame: Frame) -> None:
+        if isinstance(frame.event, CmdSubmit):
+            ret = RetSubmit(frame.event.seqnum, status=0, actual_length=0)
+            splice.receive_data(S, ret.encode())
+            splice.next_frame(S)
+
+    return cut(splice, steps, C, stream, answer)
+
+
+def cut(
+    splice: Splice,
+    steps: list[tuple[Role, bytes]],
+    sender: Role,
+    stream: bytes,
+    answer: Callable[[Frame], None] = lambda frame: None,
+) -> list[tuple[int, int]]:
+    """Where `splice`, after `steps`, cuts `stream` from `sender` (`answer` sees each
+    frame), up to the first error or the end."""
+    for step_sender, raw in steps:
+        splice.receive_data(step_sender, raw)
+        assert splice.next_frame(step_sender) is not NEED_DATA
+    splice.receive_data(sender, stream)
     frames: list[tuple[int, int]] = []
     pos = 0
     while True:
         try:
-            frame = splice.next_frame(C)
+            frame = splice.next_frame(sender)
         except ProtocolError:
             return frames
-        if frame is NEED_DATA:
+        if not isinstance(frame, Frame):
             return frames
-        size = len(frame.raw)  # type: ignore[union-attr]
+        size = len(frame.raw)
         frames.append((pos, pos + size))
         pos += size
-        event = frame.event  # type: ignore[union-attr]
-        if isinstance(event, CmdSubmit):
-            splice.receive_data(S, RetSubmit(event.seqnum, status=0, actual_length=0).encode())
-            splice.next_frame(S)
+        answer(frame)
 
 
 def header_op_import(busid: str) -> bytes:
@@ -236,22 +254,7 @@ def splice_ret_frames(stream: bytes) -> list[tuple[int, int]]:
     steps += [(sender, event.encode()) for sender, event in enumeration_steps(DEVID, CONFIG)]
     steps += [(C, SET_ALT.encode()), (S, RetSubmit(90, 0, 0).encode())]
     steps += [(C, cmd.encode()) for cmd in PENDING]
-    for sender, raw in steps:
-        splice.receive_data(sender, raw)
-        assert splice.next_frame(sender) is not NEED_DATA
-    splice.receive_data(S, stream)
-    frames: list[tuple[int, int]] = []
-    pos = 0
-    while True:
-        try:
-            frame = splice.next_frame(S)
-        except ProtocolError:
-            return frames
-        if frame is NEED_DATA:
-            return frames
-        size = len(frame.raw)  # type: ignore[union-attr]
-        frames.append((pos, pos + size))
-        pos += size
+    return cut(splice, steps, S, stream)
 
 
 @PROFILE

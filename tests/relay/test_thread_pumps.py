@@ -38,6 +38,7 @@ from gateway.protocol import (
 from gateway.relay.pumps import relay
 from gateway.transport.blocking import endpoint
 from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
+from gateway.transport.reads import next_event
 
 from ..protocol.helpers import device, enumeration_steps
 
@@ -57,11 +58,7 @@ class Peer:
         await self.stream.send_all(b"".join(self.conn.send(e) for e in events))
 
     async def receive(self) -> Event:
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                return event  # type: ignore[return-value]
-            self.conn.receive_data(await self.stream.receive_some(1 << 20))
+        return await next_event(self.stream, self.conn)
 
 
 @dataclass

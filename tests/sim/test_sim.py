@@ -17,7 +17,6 @@ from gateway.protocol import (
     Direction,
     Event,
     IsoPacket,
-    NeedData,
     OpReplyDevlist,
     OpReplyImport,
     OpRequestDevlist,
@@ -43,6 +42,7 @@ from gateway.sim import (
     serve_sim,
 )
 from gateway.sim.gadget_zero import Pattern
+from gateway.transport.reads import next_event
 
 EPIPE, ECONNRESET, EREMOTEIO = 32, 104, 121
 URB_SHORT_NOT_OK = 0x0001
@@ -61,11 +61,7 @@ class Client:
         await self.stream.send_all(self.conn.send(event))
 
     async def receive(self) -> Event:
-        while True:
-            event = self.conn.next_event()
-            if not isinstance(event, NeedData):
-                return event
-            self.conn.receive_data(await self.stream.receive_some(1 << 20))
+        return await next_event(self.stream, self.conn)
 
     async def devlist(self) -> OpReplyDevlist:
         await self.send(OpRequestDevlist())

@@ -28,6 +28,7 @@ from gateway.edges.server_gateway import ServerGateway
 from gateway.protocol import Direction
 from gateway.sim.gadget_zero import Loopback
 from gateway.sim.server import SimServer, serve_sim
+from gateway.transport.names import local_address
 from gateway.usbip.importer import ImportedDevice, import_device
 
 from ..hostile.usbipd import Tracker
@@ -109,7 +110,7 @@ async def test_soak_many_sessions_stream_without_loss_or_leaks(
     await nursery.start(partial(serve_sim, sim, host="127.0.0.1", port=0))
     server = ServerGateway(server_config(pki, Address(*sim.addresses[0])), strings=sim)
     listeners = await nursery.start(server.serve)
-    client = ClientGateway(client_config(pki, Address(*listeners[0].socket.getsockname()[:2])))
+    client = ClientGateway(client_config(pki, local_address(listeners[0])))
     client_sessions = Tracker()
     client.handle = client_sessions.wrap(client.handle)  # type: ignore[method-assign,assignment]
     listeners = await nursery.start(client.serve)
