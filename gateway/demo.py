@@ -63,8 +63,10 @@ async def start_stack(
     client_listen: Address = ANY_LOOPBACK_PORT,
     devices: list[SimDevice] | None = None,
     transport: TransportSettings | None = None,
+    policy: Path | None = None,
 ) -> Stack:
-    """Start simulator, server gateway and client gateway, all on loopback."""
+    """Start simulator, server gateway and client gateway, all on loopback; `policy`: the
+    server gateway's policy file (none: every client may use every device)."""
     transport = transport or TransportSettings()
     sim: SimServer = await nursery.start(partial(serve_sim, devices, host=LOOPBACK, port=0))
     sim_address = Address(*sim.addresses[0])
@@ -76,7 +78,7 @@ async def start_stack(
             transport=transport,
             # The simulator's devices are not in this host's sysfs (a real device with the
             # same bus id may be): the gateway learns their endpoints in the session.
-            policy=PolicySettings(sysfs=None),
+            policy=PolicySettings(file=policy, sysfs=None),
         ),
         strings=sim,
     )

@@ -32,7 +32,7 @@ from gateway.demo import Stack, start_stack
 from gateway.observability.http import serve_http
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import ECONNRESET, Direction, Setup
-from gateway.usbip.importer import ImportedDevice, import_device, list_devices
+from gateway.usbip.importer import ImportedDevice, ImportRefused, import_device, list_devices
 
 from ..pkitools import PKI
 
@@ -237,11 +237,19 @@ def test_alert_rules_pass_promtool() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+async def refused_import(client: Address, busid: str) -> None:
+    """An IMPORT the server gateway's policy refuses, through the client gateway."""
+    with pytest.raises(ImportRefused):
+        await import_device(await trio.open_tcp_stream(LOOPBACK, client.port), busid)
+
+
 async def test_dashboard_and_alerts_against_prometheus(
     pki: PKI, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     promtool = tool("promtool")
-    stack = await start_stack(nursery, pki.server_tls(), pki.client_tls())
+    policy = tmp_path / "policy.rules"
+    policy.write_text('reject busid "1-3"\ndefault allow\n')
+    stack = await start_stack(nursery, pki.server_tls(), pki.client_tls(), policy=policy)
     for gateway in (stack.server, stack.client):
         gateway.metrics.labeler = DeviceLabeler("busid", 16)  # as metrics.device_label = "busid"
         await nursery.start(serve_http, gateway.metrics, Address(LOOPBACK, 0))
@@ -258,15 +266,15 @@ async def test_dashboard_and_alerts_against_prometheus(
     loop = await import_device(await trio.open_tcp_stream(LOOPBACK, client.port), LOOPBACK_DEVICE)
     nursery.start_soon(source.serve)
     nursery.start_soon(loop.serve)
-    # The policy engine reports its decisions through this call.
-    stack.server.metrics.record_policy_decision("import", allowed=False, device="1-3")
+    # A real decision: the policy rejects the keyboard.
+    await refused_import(client, "1-3")
 
     # Two rounds, each seen by a scrape: every series then has a rate in the window.
     for round_ in range(2):
         await traffic_round(stack, source, loop)
         if round_:
             await refused_handshake(stack, pki.ca_pem)
-            stack.server.metrics.record_policy_decision("import", allowed=False, device="1-3")
+            await refused_import(client, "1-3")
         expected = {
             f'sum({name}{{role="{role}"}})': local_total(gateway.metrics, name)
             for role, gateway in (("server", stack.server), ("client", stack.client))
