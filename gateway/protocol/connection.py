@@ -283,7 +283,7 @@ class _Reader:
             # the header alone, before waiting for (or forwarding) any payload.
             reason, iso = state.submit_header_error(ep, direction, np, flags, length)
             if reason is not None:
-                raise RemoteProtocolError(f"CMD_SUBMIT {reason}")
+                raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
             direction = Direction(direction)
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)

@@ -146,8 +146,7 @@ class ProtocolState:
             fits = kind is not None and kind is not TransferType.UNKNOWN and np in _NO_ISO
         if fits and not (flags & URB_DMA_MAP_SG and length == 0):
             return None, iso
-        reason = self._framing_reason(kind, ep, Direction(direction), np)
-        return f"refused by the device's endpoints: {reason}", iso
+        return self._framing_reason(kind, ep, Direction(direction), np), iso
 
     @staticmethod
     def reply_header_error(
