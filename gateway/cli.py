@@ -16,7 +16,7 @@ import trio
 from gateway import __version__
 from gateway.companions.agent import run_companions
 from gateway.companions.discovery import add_discover_parser
-from gateway.config import DATA_PLANES, ClientConfig, ConfigError, ServerConfig, load
+from gateway.config import ClientConfig, ConfigError, ServerConfig, load
 from gateway.edges.client_gateway import ClientGateway
 from gateway.edges.fd_limit import FdLimitError, fit_fd_limit
 from gateway.edges.reloading import reload_tls
@@ -87,11 +87,6 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="MPTCP between the gateways (TCP if the kernel refuses; default off)",
     )
-    parser.add_argument(
-        "--data-plane",
-        choices=DATA_PLANES,
-        help="pump attached sessions in OS threads or Trio tasks (default threads)",
-    )
 
 
 def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -117,7 +112,6 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
         "compression.algorithm": args.compression,
         "compression.level": args.compression_level,
         "transport.mptcp": args.mptcp,
-        "transport.data_plane": args.data_plane,
     }
 
 

@@ -155,17 +155,11 @@ class ResourceLimits:
     max_buffered_bytes: int = 256 * 1024 * 1024
 
 
-DATA_PLANES = ("threads", "trio")
-
-
 @dataclass(frozen=True, slots=True)
 class TransportSettings:
     """The TCP connection between the gateways."""
 
     mptcp: bool = False  # IPPROTO_MPTCP sockets; plain TCP if the kernel refuses
-    # Who pumps an attached session's URBs: two blocking OS threads per session (fast),
-    # or Trio tasks (no threads; also the choice under Trio's virtual test clock).
-    data_plane: str = "threads"
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,7 +450,6 @@ def _compression(table: _Table) -> CompressionSettings:
 def _transport(table: _Table) -> TransportSettings:
     settings = TransportSettings(
         mptcp=table.boolean("mptcp", False),
-        data_plane=table.choice("data_plane", DATA_PLANES, "threads"),
     )
     table.done()
     return settings
