@@ -10,8 +10,11 @@ Every call into the TLS object holds `lock`: OpenSSL does not promise that one S
 may be used from two threads at once, and reading can touch write state (a peer's
 KeyUpdate). Nothing waits while holding it.
 
-Renegotiation is off (`OP_NO_RENEGOTIATION`) and TLS 1.3 has none, so a write never needs
-to read; a write that asks anyway waits for readability like a read would.
+Post-handshake messages: a peer's TLS 1.3 KeyUpdate is taken by a read and, when it asks
+for ours, answered by OpenSSL on the next write; the session carries on
+(tests/relay/test_key_update.py). Session tickets are read and dropped. Renegotiation is
+off (`OP_NO_RENEGOTIATION`; TLS 1.3 has none), so a write never needs to read; one that
+asks anyway waits for readability like a read would.
 """
 
 from __future__ import annotations
