@@ -40,6 +40,7 @@ RECEIVE_SIZE = 128 * 1024
 
 _NO_CLOSE_NOTIFY = "the peer closed the connection without a TLS close_notify"
 _READ, _WRITE = select.POLLIN, select.POLLOUT
+_FLUSH_POLL_MS = 50
 
 
 class LinkBroken(Exception):
@@ -85,10 +86,25 @@ class Endpoint:
         self._aborted = False
         self._error: LinkBroken | None = None  # after bytes read before it: next call
         self._buffer = memoryview(b"")
+        # The last read found nothing more: wait before reading (saves a failing call).
+        self._drained = False
+        self._pollers: dict[tuple[int, bool], select.poll] = {}
 
     def start(self, wakeup: Wakeup) -> None:
         self._wakeup = wakeup
         self._buffer = memoryview(bytearray(RECEIVE_SIZE))
+        self._pollers = {
+            (_READ, True): self._poller(_READ, wakeup),  # the reader's
+            (_WRITE, True): self._poller(_WRITE, wakeup),  # the writer's
+            (_WRITE, False): self._poller(_WRITE, None),  # the writer's once reading stopped
+        }
+
+    def _poller(self, events: int, wakeup: Wakeup | None) -> select.poll:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        if wakeup is not None:
+            poller.register(wakeup.fd, _READ)
+        return poller
 
     def finish(self) -> None:
         """The threads are done: close what is ours, release the buffer."""
@@ -108,13 +124,23 @@ class Endpoint:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _wait(self, events: int) -> None:
-        """Until the socket is ready for `events` or the wake-up is set (outside the lock)."""
+    def _wait(self, events: int, *, reading: bool) -> None:
+        """Until the socket is ready for `events` or the wake-up is set (outside the lock).
+
+        Each thread polls with its own poll object; the rare wait for the other kind of
+        readiness (TLS wanting to write while reading) gets a fresh one. Once reading has
+        stopped, the wake-up stays set: a writer still flushing to a slow peer then looks
+        for an abort every `_FLUSH_POLL_MS` instead of spinning on it."""
         wakeup = self._wakeup
         assert wakeup is not None, "start() first"
-        poller = select.poll()
-        poller.register(self.sock.fileno(), events)
-        poller.register(wakeup.fd, _READ)
+        if not reading and self._stopped and not self._aborted:
+            flush = self._pollers[_WRITE, False] if events == _WRITE else self._poller(events, None)
+            flush.poll(_FLUSH_POLL_MS)
+            return
+        if (events == _READ) == reading:
+            poller = self._pollers[events, True]
+        else:
+            poller = self._poller(events, wakeup)
         poller.poll()
 
     def recv(self) -> bytes:
@@ -126,6 +152,10 @@ class Endpoint:
         while True:
             if self._stopped:
                 return b""
+            if self._drained:
+                self._drained = False
+                self._wait(_READ, reading=True)
+                continue
             try:
                 count, want = self._read_into(view[got:])
             except LinkBroken as exc:
@@ -135,12 +165,15 @@ class Endpoint:
                 break
             if want:
                 if got:
+                    self._drained = want == _READ
                     break
-                self._wait(want)
+                self._wait(want, reading=True)
                 continue
             if count == 0 or not self._tls:
                 got += count
-                break  # the end of the stream, or all the kernel had (one call)
+                # All the kernel had (one call), unless it filled the buffer.
+                self._drained = 0 < count < len(view)
+                break
             got += count  # a TLS record: more may follow without waiting
             if got == len(view):
                 break
@@ -184,7 +217,7 @@ class Endpoint:
                     raise LinkBroken(f"TLS: {_describe(exc)}") from exc
                 except OSError as exc:
                     raise LinkBroken(_describe(exc)) from exc
-                self._wait(want)
+                self._wait(want, reading=False)
 
 
 class ZstdEndpoint:
