@@ -10,8 +10,9 @@ handshake, and a zstd layer above either, with the layer's encoder and decoder.
 One thread reads an endpoint while another writes it. The socket stays non-blocking:
 each thread calls it, and when the call would block, waits with `poll` for the socket or
 the relay's wake-up. A TLS object is called only while holding its stream's lock (see
-`gateway.transport.tls_stream`), and no thread waits while holding it, so the reader and
-the writer never use OpenSSL at once and neither can hold up the other.
+`gateway.transport.tls_stream`), one record read or at most `TLS_SEND_SIZE` written per
+hold, and no thread waits while holding it: the reader and the writer never use OpenSSL
+at once and neither holds up the other for long. A plain socket needs no lock.
 
 `stop_reading()` and `abort()` wake the threads through the wake-up (an eventfd): the
 TLS state is left as it is, so the stream can still send close_notify afterwards.
@@ -23,7 +24,9 @@ import os
 import select
 import socket
 import ssl
+import sys
 import threading
+from contextlib import AbstractContextManager, nullcontext
 
 import trio
 
@@ -37,6 +40,7 @@ from gateway.transport.compression import (
 from gateway.transport.tls_stream import TlsStream, close_socket, take_socket
 
 RECEIVE_SIZE = 128 * 1024
+TLS_SEND_SIZE = 64 * 1024  # four full records
 
 _NO_CLOSE_NOTIFY = "the peer closed the connection without a TLS close_notify"
 _READ, _WRITE = select.POLLIN, select.POLLOUT
@@ -79,7 +83,13 @@ class Endpoint:
     ) -> None:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
-        self._lock = lock or threading.Lock()
+        # Only OpenSSL needs one: the kernel takes a recv and a send at once.
+        self._lock: AbstractContextManager[object] = lock or (
+            threading.Lock() if self._tls else nullcontext()
+        )
+        # A TLS send encrypts and writes at most this much per call (per hold of the
+        # lock), so the reader is not kept from the TLS object for a whole large frame.
+        self._send_step = TLS_SEND_SIZE if self._tls else sys.maxsize
         self._owned = owned
         self._wakeup: Wakeup | None = None
         self._stopped = False
@@ -207,7 +217,8 @@ class Endpoint:
                     raise LinkBroken("aborted by the gateway")
                 try:
                     with self._lock:
-                        sent += self.sock.send(view[sent:])
+                        # After a "want", OpenSSL is called again with the same slice.
+                        sent += self.sock.send(view[sent : sent + self._send_step])
                     continue
                 except (ssl.SSLWantWriteError, BlockingIOError):
                     want = _WRITE
