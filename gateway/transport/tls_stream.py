@@ -44,10 +44,6 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-def _broken(exc: BaseException) -> trio.BrokenResourceError:
-    error = trio.BrokenResourceError(str(exc) or type(exc).__name__)
-    error.__cause__ = exc
-    return error
 
 
 class TlsStream(trio.abc.Stream):
@@ -141,7 +137,8 @@ class TlsStream(trio.abc.Stream):
                     break
         except (ssl.SSLError, OSError) as exc:
             self._broken = exc
-            raise _broken(exc) from exc
+            # As trio.SSLStream does: no message of its own, the cause says what broke.
+            raise trio.BrokenResourceError from exc
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return result
