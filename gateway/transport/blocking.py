@@ -40,7 +40,8 @@ from gateway.transport.compression import (
 from gateway.transport.tls_stream import TlsStream, close_socket, take_socket
 
 RECEIVE_SIZE = 128 * 1024
-TLS_SEND_SIZE = 64 * 1024  # four full records
+TLS_RECORD_SIZE = 16 * 1024  # the most plaintext one TLS record holds
+TLS_SEND_SIZE = 4 * TLS_RECORD_SIZE
 
 _NO_CLOSE_NOTIFY = "the peer closed the connection without a TLS close_notify"
 _READ, _WRITE = select.POLLIN, select.POLLOUT
@@ -186,6 +187,12 @@ class Endpoint:
                 break
             got += count  # a TLS record: more may follow without waiting
             if got == len(view):
+                break
+            if count < TLS_RECORD_SIZE:
+                # Read whole (it fitted) and shorter than a full record: most likely the
+                # end of the peer's write. Wait for more rather than try a read that
+                # fails; nothing of it stays inside OpenSSL, so `poll` sees what comes.
+                self._drained = True
                 break
         # Copied to its exact size: `recv(size)` would allocate `size` bytes and shrink
         # them each time, which fragments the heap of a process whose threads all do it.

@@ -44,8 +44,6 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-
-
 class TlsStream(trio.abc.Stream):
     """A TLS connection over a socket it owns. Call `do_handshake()` first.
 
