@@ -52,8 +52,6 @@ class Session:
     # to the server gateway): "tcp" or "mptcp", and "zstd" or "none" as negotiated.
     transport: str = "tcp"
     compression: str = "none"
-    # Who pumps the URB phase: "threads" (blocking OS threads) or "trio"; "" before it.
-    data_plane: str = ""
     meter: SessionMeter | None = None  # URB metrics; None when they are off
 
     def observe(self, sender: Role, frame: Frame, now: float) -> None:
@@ -124,5 +122,4 @@ class Session:
             "bytes_from_server": self.bytes_from_server,
             "transport": self.transport,
             "compression": self.compression,
-            "data_plane": self.data_plane,
         }

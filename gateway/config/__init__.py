@@ -5,7 +5,6 @@ from gateway.config.address import Address, is_loopback, parse_address
 from gateway.config.errors import ConfigError
 from gateway.config.reader import client_config, load, merge, read_toml, server_config
 from gateway.config.settings import (
-    DATA_PLANES,
     METRICS_PORT,
     AgentSettings,
     AuditSettings,
@@ -27,7 +26,6 @@ from gateway.config.settings import (
 )
 
 __all__ = [
-    "DATA_PLANES",
     "METRICS_PORT",
     "Address",
     "AgentSettings",

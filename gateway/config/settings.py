@@ -39,8 +39,6 @@ DeviceLabel = Literal["none", "busid", "vidpid"]
 TLSVersion = Literal["1.2", "1.3"]
 Algorithm = Literal["none", "zstd"]
 BindMethod = Literal["command", "sysfs"]
-DataPlane = Literal["threads", "trio"]
-DATA_PLANES: tuple[DataPlane, ...] = get_args(DataPlane)
 METRICS_PORT = 9240
 MiB = 1024 * 1024
 
@@ -246,13 +244,6 @@ class TransportSettings:
         Boolean(),
         "Multipath TCP sockets; plain TCP if the kernel refuses",
         flag=Flag("--mptcp", const=True),
-    )
-    # Trio tasks need no threads, and are the choice under Trio's virtual test clock.
-    data_plane: str = setting(
-        "threads",
-        Choice(DATA_PLANES),
-        "attached sessions pumped by two OS threads each, or by Trio tasks",
-        flag=Flag("--data-plane"),
     )
 
 

@@ -37,6 +37,7 @@ from gateway.transport.tls import (
     handshake,
     peer_identity,
 )
+from gateway.transport.tls_stream import TlsStream
 
 log = logging.getLogger("gateway.edges.client_gateway")
 
@@ -98,7 +99,7 @@ class ClientGateway:
             self.config.shutdown_timeout if timeout is None else timeout
         )
 
-    async def connect(self) -> trio.SSLStream[trio.SocketStream]:
+    async def connect(self) -> TlsStream:
         """A verified mutual-TLS connection to the server gateway."""
         server = self.config.server
         try:
@@ -112,7 +113,7 @@ class ClientGateway:
             self.metrics.upstream_connect_failed()
             raise
         self.metrics.upstream_connected()
-        stream = trio.SSLStream(tcp, self.tls.current, server_hostname=self.config.server_name)
+        stream = TlsStream.over(tcp, self.tls.current, server_hostname=self.config.server_name)
         try:
             await handshake(stream, self.config.handshake_timeout)
         except HandshakeFailed as exc:
@@ -159,7 +160,7 @@ class ClientGateway:
                 )
                 await trio.aclose_forcefully(upstream)
                 return
-            session.transport = transport_name(upstream.transport_stream)
+            session.transport = transport_name(upstream)
             link = compress_if_negotiated(
                 upstream, level=self.config.compression.level, on_bytes=self.metrics.compressed
             )
@@ -176,7 +177,6 @@ class ClientGateway:
                 stream,
                 link,
                 session,
-                threads=self.config.transport.data_plane == "threads",
                 budget=self.buffers,
                 idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
             )

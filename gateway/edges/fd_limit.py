@@ -1,10 +1,11 @@
 """File descriptors: make the configured connection limits fit RLIMIT_NOFILE at start.
 
-Each session holds two sockets (the client's and the one upstream), each connection in
-its TLS handshake one; listeners, the event loop, logs, the audit file, the metrics
-endpoint and usbipd lookups need a few more. Running out mid-flight makes `accept` fail
-for everyone, so the soft limit is raised to the hard one, and if the sessions still do
-not fit, `max_connections` is lowered to what does, with one log line.
+Each session holds two sockets (the client's and the one upstream) and the eventfd that
+wakes its relay threads, each connection in its TLS handshake one; listeners, the event
+loop, logs, the audit file, the metrics endpoint and usbipd lookups need a few more.
+Running out mid-flight makes `accept` fail for everyone, so the soft limit is raised to
+the hard one, and if the sessions still do not fit, `max_connections` is lowered to what
+does, with one log line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger("gateway.edges.fd_limit")
 
-FDS_PER_SESSION = 2
+FDS_PER_SESSION = 3
 FDS_PER_HANDSHAKE = 1
 RESERVED_FDS = 64
 

@@ -59,6 +59,7 @@ from gateway.transport.tls import (
     handshake,
     peer_certificate,
 )
+from gateway.transport.tls_stream import TlsStream
 from gateway.usbip.importer import list_devices
 
 log = logging.getLogger("gateway.edges.server_gateway")
@@ -200,7 +201,8 @@ class ServerGateway:
 
     async def handle(self, stream: trio.SocketStream, slot: Slot) -> None:
         address = peer_name(stream)
-        tls_stream = trio.SSLStream(stream, self.tls.current, server_side=True)
+        transport = transport_name(stream)
+        tls_stream = TlsStream.over(stream, self.tls.current, server_side=True)
         try:
             await handshake(tls_stream, self.config.handshake_timeout)
         except HandshakeFailed as exc:
@@ -217,7 +219,7 @@ class ServerGateway:
             await trio.aclose_forcefully(tls_stream)
             return
         session = Session("server", str(identity), address, time.time())
-        session.transport = transport_name(stream)
+        session.transport = transport
         client = compress_if_negotiated(
             tls_stream, level=self.config.compression.level, on_bytes=self.metrics.compressed
         )
@@ -250,7 +252,7 @@ class ServerGateway:
             )
             del self.sessions[session.id]
 
-    def _identify(self, stream: trio.SSLStream[Any], address: str) -> PeerIdentity | None:
+    def _identify(self, stream: TlsStream, address: str) -> PeerIdentity | None:
         """The client's identity, or None (logged, audited, counted) if its certificate
         is not one: before a session exists, so nothing of it reaches usbipd."""
         try:
@@ -497,7 +499,6 @@ class ServerGateway:
                     client,
                     upstream,
                     session,
-                    threads=self.config.transport.data_plane == "threads",
                     budget=self.buffers,
                     # The op phase is behind us (bounded by request_timeout).
                     idle=IdleTimeouts(attached=self.config.attached_idle_timeout),

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
@@ -113,11 +114,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_certs_parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
-    """Add `certs init|issue|demo|show`; each sets `func(namespace) -> exit status`."""
-    certs = subparsers.add_parser("certs", help="create and inspect gateway certificates")
+def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `certs init|issue|demo|show`; each sets `func(namespace) -> exit status`.
+
+    `subparsers` is what `add_subparsers()` returns (its class is argparse's private)."""
+    certs: argparse.ArgumentParser = subparsers.add_parser(
+        "certs", help="create and inspect gateway certificates"
+    )
     sub = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
 
     init = sub.add_parser("init", help="create a CA (DIR/ca.pem, DIR/ca.key)")

@@ -1,15 +1,15 @@
-"""Relaying one USB/IP connection between two Trio streams while parsing every frame.
+"""Relaying one USB/IP connection between two streams while parsing every frame.
 
 Two pumps share one `Splice`: each reads what its side sends, cuts it into frames,
 and forwards whole frames only, so nothing reaches the far side before it parsed and
 passed the checks. Backpressure is the send: a pump reads no more while the other end
 is not taking what it has.
 
-The pumps run in two blocking OS threads when both streams allow it (TCP, TLS over
-TCP; see `gateway.transport.blocking`), since each URB crosses a gateway twice and a
-thread wakeup costs far less than Trio's run loop per read, write and TLS record. Trio
-keeps the session: cancelling the relay wakes the threads by shutting the sockets down.
-Other streams (compression, memory streams in tests) are pumped by Trio tasks.
+The pumps run in two OS threads per session (`gateway.transport.blocking`: TCP, MPTCP,
+TLS on the standard library's SSLSocket, zstd above TLS), since each URB crosses a
+gateway twice and a thread wakeup costs far less than Trio's run loop per read, write
+and TLS record. Trio keeps the session: its idle timeout, and cancelling it, which
+wakes the threads.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay.budget import BufferBudget, Holding, OverBudget
-from gateway.transport.blocking import AnyEndpoint, LinkBroken, endpoint
-from gateway.transport.direct import direct_io
+from gateway.transport.blocking import AnyEndpoint, LinkBroken, Wakeup, endpoint
 
 log = logging.getLogger("gateway.relay.pumps")
 
@@ -99,35 +98,6 @@ def cut_frames(
     return (out[0] if len(out) == 1 else b"".join(out)), closed, error
 
 
-async def forward(
-    splice: Splice,
-    sender: Role,
-    source: trio.abc.ReceiveStream,
-    sink: trio.abc.SendStream,
-    session: Session,
-    *,
-    clock: Callable[[], float] = trio.current_time,
-    holding: Holding | None = None,
-    activity: Activity | None = None,
-) -> Outcome:
-    """Pump one direction until `sender` closes; returns how it ended. `holding` counts
-    the partial frames held against the gateway's budget (OverBudget past it)."""
-    while True:
-        data = await source.receive_some(RECEIVE_SIZE)
-        now = clock()
-        if activity is not None:
-            activity.at = now
-        out, closed, error = cut_frames(splice, sender, data, session.observe, now)
-        if holding is not None:
-            holding.update(splice.buffered(sender))
-        if out:
-            await sink.send_all(out)
-        if error is not None:
-            raise error
-        if closed:
-            return Outcome(OutcomeKind.CLOSED, f"closed by {sender.value}")
-
-
 # Sessions of one device share metric series: frames are accounted under one lock, and
 # parsed under their session's (both pumps of a session share its Splice).
 _ACCOUNTING_LOCK = threading.Lock()
@@ -135,7 +105,7 @@ _ACCOUNTING_LOCK = threading.Lock()
 _THREADS = trio.CapacityLimiter(math.inf)
 
 
-def forward_blocking(
+def forward(
     splice: Splice,
     sender: Role,
     source: AnyEndpoint,
@@ -143,18 +113,19 @@ def forward_blocking(
     session: Session,
     *,
     lock: threading.Lock,
+    clock: Callable[[], float] = time.perf_counter,
     holding: Holding | None = None,
     activity: Activity | None = None,
 ) -> Outcome:
-    """`forward` for a thread: blocking reads and writes, the same checks. `lock` guards
-    `splice` against the other direction's thread."""
+    """Pump one direction in a thread until `sender` closes; returns how it ended.
+    `lock` guards `splice` against the other direction's thread; `holding` counts the
+    partial frames held against the gateway's budget (OverBudget past it)."""
     observe = session.observe
 
     def observe_shared(sender: Role, frame: Frame, now: float) -> None:
         with _ACCOUNTING_LOCK:
             observe(sender, frame, now)
 
-    clock = time.perf_counter
     buffered = splice.buffered
     while True:
         data = source.recv()
@@ -178,8 +149,10 @@ async def _relay_in_threads(
     splice: Splice,
     ends: dict[Role, AnyEndpoint],
     session: Session,
+    *,
     holdings: dict[Role, Holding | None],
     activity: Activity,
+    clock: Callable[[], float],
 ) -> Outcome | None:
     """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
     outcomes: list[Outcome] = []
@@ -189,13 +162,14 @@ async def _relay_in_threads(
     def pump(sender: Role) -> None:
         source, sink = ends[sender], ends[sender.peer]
         try:
-            outcome = forward_blocking(
+            outcome = forward(
                 splice,
                 sender,
                 source,
                 sink,
                 session,
                 lock=splice_lock,
+                clock=clock,
                 holding=holdings[sender],
                 activity=activity,
             )
@@ -238,9 +212,10 @@ async def _relay_in_threads(
         for end in ends.values():
             end.abort()
 
-    for end in ends.values():
-        end.start()
+    wakeup = Wakeup()
     try:
+        for end in ends.values():
+            end.start(wakeup)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             for sender in ends:
@@ -248,6 +223,7 @@ async def _relay_in_threads(
     finally:
         for end in ends.values():
             end.finish()
+        wakeup.close()
     return outcomes[0] if outcomes else None
 
 
@@ -257,20 +233,26 @@ async def relay(
     server: trio.abc.Stream,
     session: Session,
     *,
-    threads: bool = True,
     budget: BufferBudget | None = None,
     idle: IdleTimeouts | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Outcome:
     """Run both pumps until either side ends (or the session is idle past `idle`);
-    close both; return the outcome. Partial frames count against `budget`."""
+    close both; return the outcome. Partial frames count against `budget`.
+
+    `clock` times frames and idleness, from the threads: real seconds, as Trio's
+    clock counts them (tests pass a `trio.testing.MockClock`'s `current_time`).
+    """
     outcome = Outcome(OutcomeKind.CANCELLED, "cancelled (gateway stopping)")
     holdings = {r: budget.holding() if budget is not None else None for r in Role}
-    client_end, server_end = (endpoint(client), endpoint(server)) if threads else (None, None)
-    threaded = client_end is not None and server_end is not None
-    # The threads' clock, or Trio's (virtual in tests) for Trio's pumps.
-    clock = time.perf_counter if threaded else trio.current_time
     activity = Activity(clock())
     try:
+        ends = {Role.CLIENT: endpoint(client)}
+        try:
+            ends[Role.SERVER] = endpoint(server)
+        except BaseException:
+            ends[Role.CLIENT].finish()
+            raise
         async with trio.open_nursery() as nursery:
             if idle is not None and (idle.op is not None or idle.attached is not None):
 
@@ -280,20 +262,10 @@ async def relay(
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch_idle)
-            if client_end is not None and server_end is not None:
-                session.data_plane = "threads"
-                ends = {Role.CLIENT: client_end, Role.SERVER: server_end}
-                ended = await _relay_in_threads(splice, ends, session, holdings, activity)
-                outcome = ended or outcome
-            else:
-                session.data_plane = "trio"
-                client, server = direct_io(client), direct_io(server)
-                outcome = (
-                    await _relay_in_trio(
-                        splice, client, server, session, holdings=holdings, activity=activity
-                    )
-                    or outcome
-                )
+            ended = await _relay_in_threads(
+                splice, ends, session, holdings=holdings, activity=activity, clock=clock
+            )
+            outcome = ended or outcome
             nursery.cancel_scope.cancel()
     finally:
         for holding in holdings.values():
@@ -301,38 +273,6 @@ async def relay(
                 holding.release()
         session.outcome = outcome
         await close_all(client, server)
-    return outcome
-
-
-async def _relay_in_trio(
-    splice: Splice,
-    client: trio.abc.Stream,
-    server: trio.abc.Stream,
-    session: Session,
-    *,
-    holdings: dict[Role, Holding | None],
-    activity: Activity,
-) -> Outcome | None:
-    """Both pumps as Trio tasks; the first to end decides the outcome."""
-    outcome: Outcome | None = None
-
-    async def pump(sender: Role, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
-        nonlocal outcome
-        try:
-            outcome = await forward(
-                splice, sender, source, sink, session, holding=holdings[sender], activity=activity
-            )
-        except ProtocolError as exc:
-            outcome = protocol_error(sender, exc)
-        except OverBudget as exc:
-            outcome = _over_budget(sender, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            outcome = Outcome(OutcomeKind.CONNECTION_LOST, f"connection lost: {_cause(exc)}")
-        nursery.cancel_scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, Role.CLIENT, client, server)
-        nursery.start_soon(pump, Role.SERVER, server, client)
     return outcome
 
 
@@ -354,11 +294,6 @@ async def _idle_watch(
             phase = "attached" if attached else "in the op phase"
             return Outcome(OutcomeKind.TIMEOUT, f"idle: no traffic for {timeout:g}s {phase}")
         await trio.sleep(remaining)
-
-
-def _cause(exc: BaseException) -> str:
-    inner = exc.__cause__ or exc.__context__
-    return str(inner or exc) or type(inner or exc).__name__
 
 
 async def close_all(*streams: trio.abc.AsyncResource) -> None:

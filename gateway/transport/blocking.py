@@ -1,25 +1,32 @@
-"""A connection's socket (and its TLS state) used from a blocking OS thread.
+"""A connection driven from OS threads: the attached session's data plane.
 
 An attached session's URBs cross each gateway twice, and on Trio every crossing costs a
-pass through the run loop per read, per write and per TLS record. Blocking calls in a
-thread cost one wakeup per read: `recv`, `send` and OpenSSL release the GIL while they
-wait or work. `endpoint()` lends a relay a stream's socket for that: a plain TCP stream,
-or a TLS stream whose handshake is done, keeping its `ssl.SSLObject` and memory BIOs so
-that Trio's `SSLStream` can still send close_notify afterwards, and a zstd layer above
-either, with the layer's encoder and decoder.
+pass through the run loop per read, per write and per TLS record. A thread costs one
+wakeup per read: `recv`, `send`, `poll` and OpenSSL release the GIL while they wait or
+work. `endpoint()` lends a relay a stream's connection for that: a plain TCP (or MPTCP)
+socket, taken from its `trio.SocketStream`, or a `TlsStream`'s `ssl.SSLSocket` after its
+handshake, and a zstd layer above either, with the layer's encoder and decoder.
 
-One thread reads an endpoint while another writes it. The TLS object is never used by
-both at once (`_tls_lock`); bytes it produced leave in the order it produced them
-(`_send_lock`, taken before `_tls_lock` is released, never the other way round).
+One thread reads an endpoint while another writes it. The socket stays non-blocking:
+each thread calls it, and when the call would block, waits with `poll` for the socket or
+the relay's wake-up. A TLS object is called only while holding its stream's lock (see
+`gateway.transport.tls_stream`), one record read or at most `TLS_SEND_SIZE` written per
+hold, and no thread waits while holding it: the reader and the writer never use OpenSSL
+at once and neither holds up the other for long. A plain socket needs no lock.
+
+`stop_reading()` and `abort()` wake the threads through the wake-up (an eventfd): the
+TLS state is left as it is, so the stream can still send close_notify afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
+import select
 import socket
 import ssl
+import sys
 import threading
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
 
 import trio
 
@@ -30,167 +37,205 @@ from gateway.transport.compression import (
     Encoder,
     ZstdStream,
 )
-from gateway.transport.direct import std_socket
+from gateway.transport.tls_stream import TlsStream, close_socket, take_socket
 
-RAW_RECEIVE_SIZE = 128 * 1024
-TLS_READ_SIZE = 16 * 1024  # one record's plaintext at most: no oversized allocation per call
-
+RECEIVE_SIZE = 128 * 1024
+TLS_RECORD_SIZE = 16 * 1024  # the most plaintext one TLS record holds
+TLS_SEND_SIZE = 4 * TLS_RECORD_SIZE
 
 _NO_CLOSE_NOTIFY = "the peer closed the connection without a TLS close_notify"
+_READ, _WRITE = select.POLLIN, select.POLLOUT
+_FLUSH_POLL_MS = 50
 
 
 class LinkBroken(Exception):
-    """The connection failed (reset, TLS error); the message says how."""
+    """The connection failed (reset, TLS error, aborted); the message says how."""
+
+
+class Wakeup:
+    """Wakes every thread waiting in `Endpoint.wait`: once set, it stays readable."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def set(self) -> None:
+        if self.fd != -1:
+            os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        if self.fd != -1:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Endpoint:
-    """A plain TCP connection, driven with blocking calls."""
+    """A socket (plain, or TLS with its lock) used by one reader and one writer thread.
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._stopped = False
-        self._buffer = memoryview(b"")
-
-    def start(self) -> None:
-        """Blocking mode for the relay's threads (Trio keeps it non-blocking)."""
-        self.sock.setblocking(True)
-        self._buffer = memoryview(bytearray(RAW_RECEIVE_SIZE))
-
-    def finish(self) -> None:
-        """Back to Trio: non-blocking again, for the graceful close."""
-        if self.sock.fileno() != -1:
-            self.sock.setblocking(False)
-
-    def recv(self) -> bytes:
-        """Whatever arrived (at least one byte), or b"" at the end of the stream."""
-        # Into one buffer, then copied to its exact size: `recv(size)` would allocate
-        # `size` bytes and shrink them each time, which fragments the heap of a
-        # process whose threads all do it (hundreds of MiB with 100 sessions).
-        try:
-            count = self.sock.recv_into(self._buffer)
-        except OSError as exc:
-            raise LinkBroken(_describe(exc)) from exc
-        return self._buffer[:count].tobytes()
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise LinkBroken(_describe(exc)) from exc
-
-    def stop_reading(self) -> None:
-        """Wake a thread blocked in `recv` (it sees the end of the stream); the write
-        side stays open for a graceful close."""
-        self._stopped = True
-        self._shutdown(socket.SHUT_RD)
-
-    def abort(self) -> None:
-        """Wake every thread blocked on this connection, whatever it waits for."""
-        self._shutdown(socket.SHUT_RDWR)
-
-    def _shutdown(self, how: int) -> None:
-        with contextlib.suppress(OSError):  # not connected any more: nothing waits on it
-            self.sock.shutdown(how)
-
-
-class TlsEndpoint(Endpoint):
-    """A TLS connection after its handshake: records in and out through `ssl_object`."""
+    `owned`: the endpoint closes the socket in `finish()` (taken from a SocketStream);
+    otherwise its stream does (a TlsStream, for close_notify).
+    """
 
     def __init__(
         self,
         sock: socket.socket,
-        ssl_object: ssl.SSLObject,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        stream: Any = None,
+        *,
+        lock: threading.Lock | None = None,
+        owned: bool = False,
     ) -> None:
-        super().__init__(sock)
-        self._stream = stream
-        self._tls = ssl_object
-        self._incoming = incoming
-        self._outgoing = outgoing
-        self._tls_lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._eof = False  # close_notify received
-        self._raw_eof = False
-        self._fed = True  # bytes may wait in the TLS object: decrypt before reading more
+        self.sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        # Only OpenSSL needs one: the kernel takes a recv and a send at once.
+        self._lock: AbstractContextManager[object] = lock or (
+            threading.Lock() if self._tls else nullcontext()
+        )
+        # A TLS send encrypts and writes at most this much per call (per hold of the
+        # lock), so the reader is not kept from the TLS object for a whole large frame.
+        self._send_step = TLS_SEND_SIZE if self._tls else sys.maxsize
+        self._owned = owned
+        self._wakeup: Wakeup | None = None
+        self._stopped = False
+        self._aborted = False
+        self._error: LinkBroken | None = None  # after bytes read before it: next call
+        self._buffer = memoryview(b"")
+        # The last read found nothing more: wait before reading (saves a failing call).
+        self._drained = False
+        self._pollers: dict[tuple[int, bool], select.poll] = {}
 
-    def start(self) -> None:
-        super().start()
-        # Trio holds a TLS 1.3 server's session tickets back until its first write
-        # (OpenSSL issue 7948); they go first in line here.
-        delayed = getattr(self._stream, "_delayed_outgoing", None)
-        if delayed:
-            self._outgoing.write(delayed)
-            self._stream._delayed_outgoing = None
+    def start(self, wakeup: Wakeup) -> None:
+        self._wakeup = wakeup
+        self._buffer = memoryview(bytearray(RECEIVE_SIZE))
+        self._pollers = {
+            (_READ, True): self._poller(_READ, wakeup),  # the reader's
+            (_WRITE, True): self._poller(_WRITE, wakeup),  # the writer's
+            (_WRITE, False): self._poller(_WRITE, None),  # the writer's once reading stopped
+        }
+
+    def _poller(self, events: int, wakeup: Wakeup | None) -> select.poll:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        if wakeup is not None:
+            poller.register(wakeup.fd, _READ)
+        return poller
+
+    def finish(self) -> None:
+        """The threads are done: close what is ours, release the buffer."""
+        self._buffer = memoryview(b"")
+        if self._owned:
+            close_socket(self.sock)
+
+    def stop_reading(self) -> None:
+        """The reader returns b"" (the end of the stream); the writer carries on."""
+        self._stopped = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def abort(self) -> None:
+        """Both threads return at once: the reader with b"", the writer with LinkBroken."""
+        self._stopped = self._aborted = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _wait(self, events: int, *, reading: bool) -> None:
+        """Until the socket is ready for `events` or the wake-up is set (outside the lock).
+
+        Each thread polls with its own poll object; the rare wait for the other kind of
+        readiness (TLS wanting to write while reading) gets a fresh one. Once reading has
+        stopped, the wake-up stays set: a writer still flushing to a slow peer then looks
+        for an abort every `_FLUSH_POLL_MS` instead of spinning on it."""
+        wakeup = self._wakeup
+        assert wakeup is not None, "start() first"
+        if not reading and self._stopped and not self._aborted:
+            flush = self._pollers[_WRITE, False] if events == _WRITE else self._poller(events, None)
+            flush.poll(_FLUSH_POLL_MS)
+            return
+        if (events == _READ) == reading:
+            poller = self._pollers[events, True]
+        else:
+            poller = self._poller(events, wakeup)
+        poller.poll()
 
     def recv(self) -> bytes:
+        """Whatever arrived (at least one byte), or b"" at the end of the stream."""
+        if self._error is not None:
+            raise self._error
+        view = self._buffer
+        got = 0
         while True:
-            with self._tls_lock:
-                # Only after new bytes (or at the start, when Trio may have left some):
-                # a read with nothing buffered is a wasted OpenSSL call and exception.
-                data, self._fed = (self._decrypt() if self._fed else b""), False
-                out = self._outgoing.read() if self._outgoing.pending else b""
-                if out:
-                    # A record the read produced (a KeyUpdate answer): send it in order.
-                    self._send_lock.acquire()
-            if out:
-                self._send_locked(out)
-            if data or self._eof:
-                return data
-            if self._raw_eof:
-                raise LinkBroken(_NO_CLOSE_NOTIFY)
-            raw = super().recv()
-            if not raw and self._stopped:
-                # Our own shutdown, not the peer's: leave the TLS state as it is, so
-                # that the graceful close can still send close_notify.
+            if self._stopped:
                 return b""
-            self._raw_eof = not raw
-            with self._tls_lock:
-                if raw:
-                    self._incoming.write(raw)
-                else:
-                    self._incoming.write_eof()
-                self._fed = True
-
-    def _decrypt(self) -> bytes:
-        """Every plaintext byte the buffered records hold (several records per call)."""
-        chunks = []
-        try:
-            while True:
-                chunk = self._tls.read(TLS_READ_SIZE)
-                if not chunk:  # close_notify (the standard library's SSLObject)
-                    self._eof = True
+            if self._drained:
+                self._drained = False
+                self._wait(_READ, reading=True)
+                continue
+            try:
+                count, want = self._read_into(view[got:])
+            except LinkBroken as exc:
+                if not got:
+                    raise
+                self._error = exc
+                break
+            if want:
+                if got:
+                    self._drained = want == _READ
                     break
-                chunks.append(chunk)
+                self._wait(want, reading=True)
+                continue
+            if count == 0 or not self._tls:
+                got += count
+                # All the kernel had (one call), unless it filled the buffer.
+                self._drained = 0 < count < len(view)
+                break
+            got += count  # a TLS record: more may follow without waiting
+            if got == len(view):
+                break
+            if count < TLS_RECORD_SIZE:
+                # Read whole (it fitted) and shorter than a full record: most likely the
+                # end of the peer's write. Wait for more rather than try a read that
+                # fails; nothing of it stays inside OpenSSL, so `poll` sees what comes.
+                self._drained = True
+                break
+        # Copied to its exact size: `recv(size)` would allocate `size` bytes and shrink
+        # them each time, which fragments the heap of a process whose threads all do it.
+        return view[:got].tobytes()
+
+    def _read_into(self, view: memoryview) -> tuple[int, int]:
+        """(bytes read, 0) or (0, the poll events to wait for)."""
+        try:
+            with self._lock:
+                return self.sock.recv_into(view), 0
         except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self._eof = True  # close_notify
+            return 0, _READ
+        except ssl.SSLWantWriteError:
+            return 0, _WRITE
+        except BlockingIOError:
+            return 0, _READ
         except ssl.SSLEOFError as exc:
-            if not chunks:
-                raise LinkBroken(_NO_CLOSE_NOTIFY) from exc
+            raise LinkBroken(_NO_CLOSE_NOTIFY) from exc
         except ssl.SSLError as exc:
-            if not chunks:
-                raise LinkBroken(f"TLS: {_describe(exc)}") from exc
-            # Hand out what came before the bad record; the next call raises again.
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            raise LinkBroken(f"TLS: {_describe(exc)}") from exc
+        except OSError as exc:
+            raise LinkBroken(_describe(exc)) from exc
 
     def send(self, data: bytes) -> None:
-        with self._tls_lock:
-            try:
-                self._tls.write(data)
-            except ssl.SSLError as exc:
-                raise LinkBroken(f"TLS: {_describe(exc)}") from exc
-            out = self._outgoing.read()
-            self._send_lock.acquire()
-        self._send_locked(out)
-
-    def _send_locked(self, data: bytes) -> None:
-        try:
-            super().send(data)
-        finally:
-            self._send_lock.release()
+        with memoryview(data) as view:
+            sent, total = 0, len(view)
+            while sent < total:
+                if self._aborted:
+                    raise LinkBroken("aborted by the gateway")
+                try:
+                    with self._lock:
+                        # After a "want", OpenSSL is called again with the same slice.
+                        sent += self.sock.send(view[sent : sent + self._send_step])
+                    continue
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    want = _WRITE
+                except ssl.SSLWantReadError:
+                    want = _READ
+                except ssl.SSLError as exc:
+                    raise LinkBroken(f"TLS: {_describe(exc)}") from exc
+                except OSError as exc:
+                    raise LinkBroken(_describe(exc)) from exc
+                self._wait(want, reading=False)
 
 
 class ZstdEndpoint:
@@ -204,8 +249,8 @@ class ZstdEndpoint:
         self._ready = b""
         self._on_bytes: ByteCounter | None = None
 
-    def start(self) -> None:
-        self.inner.start()
+    def start(self, wakeup: Wakeup) -> None:
+        self.inner.start(wakeup)
         self._encoder, self._decoder, self._ready, self._on_bytes = self._stream.take_codec()
 
     def finish(self) -> None:
@@ -256,43 +301,23 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def endpoint(stream: trio.abc.Stream) -> AnyEndpoint | None:
-    """`stream` as an endpoint, or None if it cannot be one (another kind of stream, a
-    TLS stream in an unusual state): the relay then stays on Trio.
+def endpoint(stream: trio.abc.Stream) -> AnyEndpoint:
+    """`stream` as an endpoint: a `trio.SocketStream` (whose socket it takes), a
+    `TlsStream` after its handshake, or a `ZstdStream` over either.
 
-    Call it while no task uses `stream`, and hand the stream back to Trio only after
-    `finish()`. A compression layer's state moves to the endpoint: once called, the
-    relay must use the endpoint.
+    Call it while no task uses `stream`. A compression layer's state moves to the
+    endpoint, and a SocketStream's socket: once called, the relay must use the endpoint.
     """
     if isinstance(stream, ZstdStream):
-        inner = _plain_or_tls(stream.transport)
-        if inner is None:
-            return None
-        return ZstdEndpoint(inner, stream)
+        return ZstdEndpoint(_plain_or_tls(stream.transport), stream)
     return _plain_or_tls(stream)
 
 
-def _plain_or_tls(stream: trio.abc.Stream) -> Endpoint | None:
-    sock = std_socket(stream)
-    if sock is not None:
-        return Endpoint(sock)
-    if not isinstance(stream, trio.SSLStream):
-        return None
-    sock = std_socket(stream.transport_stream)
-    tls: Any = stream  # its TLS state is private; checked field by field
-    ssl_object = getattr(tls, "_ssl_object", None)
-    incoming = getattr(tls, "_incoming", None)
-    outgoing = getattr(tls, "_outgoing", None)
-    handshook = getattr(getattr(tls, "_handshook", None), "done", False)
-    if (
-        sock is None
-        or not isinstance(ssl_object, ssl.SSLObject)
-        or not isinstance(incoming, ssl.MemoryBIO)
-        or not isinstance(outgoing, ssl.MemoryBIO)
-        or not handshook
-        or not isinstance(getattr(tls, "_delayed_outgoing", b""), bytes | None)
-        or outgoing.pending
-        or getattr(getattr(tls, "_state", None), "name", None) != "OK"
-    ):
-        return None
-    return TlsEndpoint(sock, ssl_object, incoming, outgoing, tls)
+def _plain_or_tls(stream: trio.abc.Stream) -> Endpoint:
+    if isinstance(stream, trio.SocketStream):
+        return Endpoint(take_socket(stream), owned=True)
+    if isinstance(stream, TlsStream):
+        if not stream.handshook:
+            raise ValueError("the TLS handshake is not done")
+        return Endpoint(stream.socket, lock=stream.lock)
+    raise TypeError(f"no socket to relay from under {type(stream).__name__}")

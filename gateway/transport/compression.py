@@ -39,8 +39,8 @@ before it is refused. Every violation raises `CompressionError`, a
 `trio.BrokenResourceError`: to the relay it is a lost connection, with a message naming
 the problem.
 
-Memory per read: a receiver decodes one chunk per `receive_some` (or per `recv` on the
-thread data plane) and reads from its transport only when no whole chunk is buffered, so
+Memory per read: a receiver decodes one chunk per `receive_some` (or per `recv` in a relay
+thread) and reads from its transport only when no whole chunk is buffered, so
 what a peer sends in one burst stays compressed until it is asked for. At any time a
 receiver holds at most one chunk's plain data (`MAX_CHUNK`) plus one decode step, and
 the compressed bytes of one partial chunk plus one transport read.
@@ -56,13 +56,14 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Literal, cast
+from typing import IO, Literal, cast
 
 import trio
 import zstandard
 
 from gateway.transport.reads import RECEIVE_SIZE
 from gateway.transport.tls import ALPN_PLAIN, ALPN_ZSTD, negotiated_alpn
+from gateway.transport.tls_stream import TlsStream
 
 CHUNK_SIZE = 64 * 1024  # plain bytes per chunk a sender here writes
 MAX_CHUNK = 1024 * 1024  # the most a receiver accepts, wire or plain, per chunk
@@ -538,7 +539,7 @@ def wrap(
 
 
 def compress_if_negotiated(
-    tls_stream: trio.SSLStream[Any], *, level: int = DEFAULT_LEVEL, on_bytes: ByteCounter | None
+    tls_stream: TlsStream, *, level: int = DEFAULT_LEVEL, on_bytes: ByteCounter | None
 ) -> trio.abc.Stream:
     """After the TLS handshake: `tls_stream` wrapped in a `ZstdStream` if ALPN chose
     `ALPN_ZSTD`, else `tls_stream` itself."""

@@ -20,6 +20,7 @@ from typing import Literal
 import trio
 
 from gateway.config import Address
+from gateway.transport.tls_stream import TlsStream
 
 log = logging.getLogger("gateway.transport")
 
@@ -82,7 +83,7 @@ TCP_IS_MPTCP: int = getattr(socket, "TCP_IS_MPTCP", 43)  # Linux >= 5.16
 Transport = Literal["tcp", "mptcp"]
 
 
-def uses_mptcp(sock: trio.socket.SocketType) -> bool:
+def uses_mptcp(sock: socket.socket | trio.socket.SocketType) -> bool:
     """Whether the connection on `sock` really runs MPTCP, not just an MPTCP socket.
 
     An MPTCP socket whose peer lacks MPTCP falls back to plain TCP, and so does one the
@@ -99,7 +100,7 @@ def uses_mptcp(sock: trio.socket.SocketType) -> bool:
         return False
 
 
-def transport_name(stream: trio.SocketStream) -> Transport:
+def transport_name(stream: trio.SocketStream | TlsStream) -> Transport:
     """The transport in use, "mptcp" or "tcp", for session records, logs and metrics."""
     return "mptcp" if uses_mptcp(stream.socket) else "tcp"
 

@@ -1,4 +1,5 @@
-"""Mutual TLS between the two gateways, on the standard library's `ssl`.
+"""Mutual TLS between the two gateways, on the standard library's `ssl`
+(`gateway.transport.tls_stream` carries it).
 
 Both sides require a certificate from the other, signed by the configured CA. TLS 1.3 is the
 default floor. Compression is negotiated with ALPN (`ALPN_ZSTD`), so a peer that does not
@@ -7,16 +8,16 @@ compress still interoperates on `ALPN_PLAIN`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import trio
 
 from gateway.transport.identity import PeerIdentity, identity_from_der
+from gateway.transport.tls_stream import TlsStream
 
 ALPN_PLAIN = "usbip-gw/1"
 ALPN_ZSTD = "usbip-gw/1+zstd"
@@ -132,7 +133,7 @@ def client_context(
 ) -> ssl.SSLContext:
     """A client context that presents `cert` and checks the server's chain and hostname.
 
-    Pass the server's DNS name or IP address as `server_hostname` to `trio.SSLStream`.
+    Pass the server's DNS name or IP address as `server_hostname` to `TlsStream`.
     """
     _check_version(min_version)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
@@ -203,7 +204,15 @@ class ReloadableContext:
 # --- peer identity -----------------------------------------------------------------------
 
 
-def peer_certificate(stream: trio.SSLStream[Any]) -> bytes:
+class HasPeer(Protocol):
+    """A TLS stream after its handshake (`TlsStream`; `trio.SSLStream` in test peers)."""
+
+    def getpeercert(self, binary_form: Literal[True]) -> bytes | None: ...
+
+    def selected_alpn_protocol(self) -> str | None: ...
+
+
+def peer_certificate(stream: HasPeer) -> bytes:
     """The peer's verified certificate (DER); call after the handshake."""
     der: bytes | None = stream.getpeercert(binary_form=True)
     if der is None:
@@ -211,7 +220,7 @@ def peer_certificate(stream: trio.SSLStream[Any]) -> bytes:
     return der
 
 
-def peer_identity(stream: trio.SSLStream[Any]) -> PeerIdentity:
+def peer_identity(stream: HasPeer) -> PeerIdentity:
     """The identity in the peer's verified certificate; IdentityRefused if it has none.
 
     Parsed from the DER form with `cryptography`: one parse gives the fingerprint, the
@@ -221,7 +230,7 @@ def peer_identity(stream: trio.SSLStream[Any]) -> PeerIdentity:
     return identity_from_der(peer_certificate(stream))
 
 
-def negotiated_alpn(stream: trio.SSLStream[Any]) -> str | None:
+def negotiated_alpn(stream: HasPeer) -> str | None:
     """The ALPN protocol both sides agreed on, or None if they share none."""
     proto: str | None = stream.selected_alpn_protocol()
     return proto
@@ -312,31 +321,16 @@ def _detail(exc: BaseException) -> str:
     return str(exc.__cause__ or exc) or type(exc).__name__
 
 
-# Trio raises on an OpenSSL error before writing out the alert OpenSSL queued for the peer,
-# so the peer would see a bare EOF rather than "unknown CA" or "certificate required".
-# Trio has no public way to reach that data; reading its outgoing BIO is the only route.
-_ALERT_SEND_TIMEOUT = 1.0
+async def handshake(stream: TlsStream, timeout: float) -> None:
+    """Complete the handshake within `timeout` seconds or raise HandshakeFailed.
 
-
-async def _send_pending_alert(stream: trio.SSLStream[Any]) -> None:
-    bio = getattr(stream, "_outgoing", None)
-    if not isinstance(bio, ssl.MemoryBIO) or not bio.pending:
-        return
-    data = bio.read()
-    with (
-        trio.move_on_after(_ALERT_SEND_TIMEOUT),
-        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-    ):
-        await stream.transport_stream.send_all(data)
-
-
-async def handshake(stream: trio.SSLStream[Any], timeout: float) -> None:
-    """Complete the handshake within `timeout` seconds or raise HandshakeFailed."""
+    OpenSSL writes an alert it has for the peer ("unknown CA", "certificate required")
+    to the socket itself before the error reaches us, so the peer learns why.
+    """
     try:
         with trio.fail_after(timeout):
             await stream.do_handshake()
     except trio.TooSlowError:
         raise HandshakeFailed("timeout", f"no handshake within {timeout:g}s") from None
     except trio.BrokenResourceError as exc:
-        await _send_pending_alert(stream)
         raise HandshakeFailed(failure_reason(exc), _detail(exc)) from exc

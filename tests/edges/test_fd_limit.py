@@ -6,7 +6,7 @@ import resource
 
 import pytest
 
-from gateway.edges.fd_limit import RESERVED_FDS, FdLimitError, needed_fds, plan
+from gateway.edges.fd_limit import FDS_PER_SESSION, RESERVED_FDS, FdLimitError, needed_fds, plan
 
 from ..pkitools import PKI
 from ..test_cli import Process, processes  # noqa: F401 - the fixture
@@ -18,13 +18,13 @@ def test_the_soft_limit_is_raised_to_the_hard_one_when_that_fits() -> None:
     result = plan(1024, 65536, max_connections=1024, max_handshakes=128)
     assert result.soft == 65536
     assert result.max_connections == 1024
-    assert result.needed == RESERVED_FDS + 128 + 2 * 1024
+    assert result.needed == RESERVED_FDS + 128 + FDS_PER_SESSION * 1024
 
 
 def test_max_connections_is_lowered_to_what_the_hard_limit_fits() -> None:
     result = plan(256, 1024, max_connections=1024, max_handshakes=128)
     assert result.soft == 1024
-    assert result.max_connections == (1024 - RESERVED_FDS - 128) // 2
+    assert result.max_connections == (1024 - RESERVED_FDS - 128) // FDS_PER_SESSION
     assert needed_fds(result.max_connections, 128) <= 1024
 
 
@@ -67,7 +67,7 @@ def test_the_real_process_raises_its_limit_and_caps_max_connections(
     with open(f"/proc/{process.proc.pid}/limits") as limits:
         line = next(x for x in limits if x.startswith("Max open files"))
     assert line.split()[3:5] == ["256", "256"]  # soft raised to the hard limit
-    fits = (256 - RESERVED_FDS - 128) // 2
+    fits = (256 - RESERVED_FDS - 128) // FDS_PER_SESSION
     capped = [x for x in process.lines if "max_connections lowered" in x]
     assert len(capped) == 1
     assert f"from 1024 to {fits}" in capped[0]

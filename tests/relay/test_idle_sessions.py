@@ -1,5 +1,8 @@
 """Idle sessions: closed in the op phase by default, when attached only if configured.
-Trio's virtual clock (autojump) stands in for the hours."""
+
+The relay's threads read Trio's virtual clock (a MockClock that moves only when a test
+jumps it), so hours pass at once, and only where the test says: after the bytes it sent
+have crossed the relay."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from gateway.relay.pumps import IdleTimeouts, relay
 from ..observability.helpers import sample
 from ..pkitools import PKI, client_config
 from ..protocol.helpers import device, enumeration_steps
+from .test_thread_pumps import socket_streams
 
 INFO = device()
 HOUR = 3600.0
@@ -47,21 +51,35 @@ class Relayed:
         await self.done.wait()
         return self.ended_at[0]
 
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.server.aclose()
 
-async def _relayed(nursery: trio.Nursery, idle: IdleTimeouts) -> Relayed:
-    client, relay_client = trio.testing.memory_stream_pair()
-    relay_server, server = trio.testing.memory_stream_pair()
-    session = Session("client", "test", "memory", time.time())
+
+async def _relayed(
+    nursery: trio.Nursery, clock: trio.testing.MockClock, idle: IdleTimeouts
+) -> Relayed:
+    client, relay_client = await socket_streams()
+    relay_server, server = await socket_streams()
+    session = Session("client", "test", "socketpair", time.time())
     ended_at: list[float] = []
     done = trio.Event()
 
     async def run() -> None:
-        await relay(Splice(), relay_client, relay_server, session, threads=False, idle=idle)
+        await relay(
+            Splice(), relay_client, relay_server, session, idle=idle, clock=clock.current_time
+        )
         ended_at.append(trio.current_time())
         done.set()
 
     nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()  # the relay is running: time may pass
     return Relayed(client, server, session, ended_at, done)
+
+
+async def _later(clock: trio.testing.MockClock, seconds: float) -> None:
+    clock.jump(seconds)
+    await trio.testing.wait_all_tasks_blocked()
 
 
 async def _import(r: Relayed) -> None:
@@ -76,56 +94,67 @@ async def _import(r: Relayed) -> None:
 
 
 async def test_a_silent_session_is_closed_in_the_op_phase(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     start = trio.current_time()
-    r = await _relayed(nursery, IdleTimeouts(op=30.0))
+    r = await _relayed(nursery, mock_clock, IdleTimeouts(op=30.0))
+    await _later(mock_clock, 29.9)
+    assert r.ended_at == []
+    await _later(mock_clock, 0.1)
     assert await r.ended() == pytest.approx(start + 30.0)
     assert r.session.outcome == Outcome(
         OutcomeKind.TIMEOUT, "idle: no traffic for 30s in the op phase"
     )
     assert not r.session.ended_normally  # a warning at the session's end
+    await r.close()
 
 
 async def test_traffic_in_the_op_phase_restarts_the_timer(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     start = trio.current_time()
-    r = await _relayed(nursery, IdleTimeouts(op=30.0))
-    await trio.sleep(20)  # virtual time: the client thinks, then asks
+    r = await _relayed(nursery, mock_clock, IdleTimeouts(op=30.0))
+    await _later(mock_clock, 20)  # the client thinks, then asks
     await r.client.send_all(OpRequestImport(INFO.busid).encode())
     assert await r.server.receive_some(1 << 16)  # usbipd never answers
+    await _later(mock_clock, 10)
+    assert r.ended_at == []  # 30 s after the start, 10 s after the request
+    await _later(mock_clock, 20)
     assert await r.ended() == pytest.approx(start + 50.0)
+    await r.close()
 
 
 async def test_an_idle_attached_session_stays_open_by_default(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    r = await _relayed(nursery, IdleTimeouts(op=30.0))
+    r = await _relayed(nursery, mock_clock, IdleTimeouts(op=30.0))
     await _import(r)
-    await trio.sleep(24 * HOUR)
+    await _later(mock_clock, 24 * HOUR)
     assert r.ended_at == []
     assert r.session.outcome is OPEN
     # Still relaying.
     urb = CmdSubmit(1, INFO.devid, Direction.OUT, 1, 3, data=b"abc").encode()
     await r.client.send_all(urb)
     assert await r.server.receive_some(1 << 16) == urb
-    await r.client.aclose()
-    await r.server.aclose()
+    await r.close()
 
 
 async def test_an_attached_idle_timeout_closes_after_the_last_urb(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    r = await _relayed(nursery, IdleTimeouts(op=30.0, attached=600.0))
+    r = await _relayed(nursery, mock_clock, IdleTimeouts(op=30.0, attached=600.0))
     await _import(r)
-    await trio.sleep(500)
+    await _later(mock_clock, 500)
     urb = CmdSubmit(1, INFO.devid, Direction.OUT, 1, 3, data=b"abc").encode()
     await r.client.send_all(urb)
     assert await r.server.receive_some(1 << 16) == urb
     last = trio.current_time()
+    await _later(mock_clock, 599)
+    assert r.ended_at == []
+    await _later(mock_clock, 1)
     assert await r.ended() == pytest.approx(last + 600.0)
     assert r.session.outcome == Outcome(OutcomeKind.TIMEOUT, "idle: no traffic for 600s attached")
+    await r.close()
 
 
 async def _stack(pki: PKI, nursery: trio.Nursery) -> Stack:

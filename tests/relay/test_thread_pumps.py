@@ -1,12 +1,14 @@
-"""The relay's thread data plane: real sockets, real TLS, the same checks and outcomes.
+"""The relay's threads: real sockets, real TLS, the same checks and outcomes.
 
-The peers are Trio streams over socket pairs; the relay between them pumps in blocking
-threads (`gateway.transport.blocking`). Frame and state logic is the Splice's, tested in
+The peers are Trio streams over socket pairs; the relay between them pumps in OS threads
+(`gateway.transport.blocking`). Frame and state logic is the Splice's, tested in
 tests/protocol; here: that bytes, ends, errors and cancellation cross the threads right.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 import struct
 import time
@@ -39,6 +41,7 @@ from gateway.relay.pumps import relay
 from gateway.transport.blocking import endpoint
 from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
 from gateway.transport.reads import next_event
+from gateway.transport.tls_stream import TlsStream, take_socket
 
 from ..protocol.helpers import device, enumeration_steps
 
@@ -84,22 +87,28 @@ async def socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
     return trio.SocketStream(a), trio.SocketStream(b)
 
 
+async def tls_pair(
+    client_side: trio.SocketStream, server_side: trio.SocketStream
+) -> tuple[TlsStream, TlsStream]:
+    """(client, server) TLS streams over two connected socket streams, handshake done."""
+    server_ctx, client_ctx = tls_contexts()
+    client = TlsStream.over(client_side, client_ctx, server_hostname="gateway.test")
+    server = TlsStream.over(server_side, server_ctx, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
 @asynccontextmanager
-async def relayed(
-    *, tls: bool = False, zstd: ByteCounter | None = None, threads: bool = True
-) -> AsyncIterator[Relayed]:
+async def relayed(*, tls: bool = False, zstd: ByteCounter | None = None) -> AsyncIterator[Relayed]:
     """client peer <-> (TLS?) <-> relay <-> server peer, all on socket pairs."""
     client_side, relay_client = await socket_streams()
     relay_server, server_side = await socket_streams()
     client_stream: trio.abc.Stream = client_side
     relay_client_stream: trio.abc.Stream = relay_client
     if tls:
-        server_ctx, client_ctx = tls_contexts()
-        client_stream = trio.SSLStream(client_side, client_ctx, server_hostname="gateway.test")
-        relay_client_stream = trio.SSLStream(relay_client, server_ctx, server_side=True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client_stream.do_handshake)
-            nursery.start_soon(relay_client_stream.do_handshake)
+        client_stream, relay_client_stream = await tls_pair(client_side, relay_client)
     if zstd is not None:
         client_stream = wrap(client_stream)
         relay_client_stream = wrap(relay_client_stream, on_bytes=zstd)
@@ -110,11 +119,7 @@ async def relayed(
 
         async def run() -> None:
             with scope:
-                outcome.append(
-                    await relay(
-                        Splice(), relay_client_stream, relay_server, session, threads=threads
-                    )
-                )
+                outcome.append(await relay(Splice(), relay_client_stream, relay_server, session))
 
         nursery.start_soon(run)
         try:
@@ -168,7 +173,6 @@ async def test_urbs_cross_the_threads_and_the_client_closing_ends_the_session(
         await r.client.stream.aclose()
         assert await r.server.receive() == ConnectionClosed()
     assert r.outcome == [CLOSED_BY_CLIENT]
-    assert r.session.data_plane == "threads"
     assert r.session.outcome == CLOSED_BY_CLIENT
     assert r.session.urbs_completed == ENUMERATION_URBS + 8
     assert r.session.bytes_from_client == 40 + enumeration_bytes(Role.CLIENT) + 8 * (48 + len(big))
@@ -191,7 +195,6 @@ async def test_zstd_over_tls_crosses_the_threads_too() -> None:
         assert await r.client.receive() == RetSubmit(1, actual_length=200_000)
         await r.client.stream.aclose()
         assert await r.server.receive() == ConnectionClosed()
-    assert r.session.data_plane == "threads"
     assert r.outcome == [CLOSED_BY_CLIENT]
     wire, plain = counted["decompress"]
     # the IMPORT request, the enumeration and the CMD_SUBMIT; their replies
@@ -242,7 +245,6 @@ async def test_a_burst_of_compressed_chunks_is_decoded_only_as_fast_as_it_is_for
         await r.client.stream.aclose()
         assert await r.server.receive() == ConnectionClosed()
     assert r.outcome == [CLOSED_BY_CLIENT]
-    assert r.session.data_plane == "threads"
 
 
 async def test_a_compressed_chunk_over_the_limit_ends_the_session_cleanly() -> None:
@@ -252,7 +254,6 @@ async def test_a_compressed_chunk_over_the_limit_ends_the_session_cleanly() -> N
         over = struct.pack(">BII", ChunkType.ZSTD, 16, MAX_CHUNK + 1) + bytes(16)
         await r.client.stream.transport.send_all(over)
         assert await r.server.receive() == ConnectionClosed()  # nothing forwarded
-    assert r.session.data_plane == "threads"
     assert r.outcome == [
         Outcome(
             OutcomeKind.CONNECTION_LOST,
@@ -280,8 +281,10 @@ async def test_a_bad_frame_is_not_forwarded_and_names_the_sender() -> None:
 async def test_a_tls_peer_vanishing_without_close_notify_is_a_lost_connection() -> None:
     async with relayed(tls=True) as r:
         await import_device(r)
-        assert isinstance(r.client.stream, trio.SSLStream)
-        await r.client.stream.transport_stream.aclose()  # no close_notify
+        assert isinstance(r.client.stream, TlsStream)
+        # The connection ends under the TLS object: no close_notify.
+        with socket.socket(fileno=os.dup(r.client.stream.socket.fileno())) as raw:
+            raw.shutdown(socket.SHUT_RDWR)
         assert await r.server.receive() == ConnectionClosed()
     assert r.outcome == [
         Outcome(
@@ -311,17 +314,23 @@ async def test_cancelling_wakes_threads_even_when_a_peer_does_not_read() -> None
     assert received < len(chunk.encode())
 
 
-async def test_memory_streams_stay_on_trio() -> None:
+async def test_a_stream_without_a_socket_cannot_be_relayed() -> None:
     a, b = trio.testing.memory_stream_pair()
-    assert endpoint(a) is None
-    session = Session("server", "test", "memory", time.time())
-    client_end, relay_end = trio.testing.memory_stream_pair()
-    server_end, relay_server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay, Splice(), relay_end, relay_server, session)
-        await client_end.aclose()
-    assert session.data_plane == "trio"
-    assert session.outcome == CLOSED_BY_CLIENT
-    await server_end.aclose()
+    with pytest.raises(TypeError, match="no socket to relay from under StapledStream"):
+        endpoint(a)
     await a.aclose()
     await b.aclose()
+
+
+async def test_taking_the_socket_leaves_the_trio_stream_without_one() -> None:
+    left, right = await socket_streams()
+    sock = take_socket(left)
+    assert left.socket.fileno() == -1
+    sock.sendall(b"x")
+    assert await right.receive_some(1) == b"x"
+    await left.aclose()  # closes nothing
+    sock.sendall(b"y")
+    assert await right.receive_some(1) == b"y"
+    sock.close()
+    assert await right.receive_some(1) == b""
+    await right.aclose()

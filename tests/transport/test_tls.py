@@ -1,9 +1,10 @@
-"""Mutual TLS over in-memory streams (deterministic) and one loopback socket pair."""
+"""Mutual TLS on `TlsStream` over socket pairs, and once over loopback TCP."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from gateway.transport.tls import (
     peer_identity,
     server_context,
 )
+from gateway.transport.tls_stream import TlsStream
 
 SPIFFE = "spiffe://example.org/ns/x/sa/y"
 TIMEOUT = 10.0
@@ -120,9 +122,9 @@ async def _exchange(
 ) -> tuple[Outcome, Outcome]:
     """Handshake both ends; the server then speaks first, so a client rejected late under
     TLS 1.3 finds out on its first read."""
-    a, b = trio.testing.memory_stream_pair()
-    server_stream = trio.SSLStream(a, server_ctx, server_side=True)
-    client_stream = trio.SSLStream(b, client_ctx, server_hostname=hostname)
+    a, b = socket.socketpair()
+    server_stream = TlsStream(a, server_ctx, server_side=True)
+    client_stream = TlsStream(b, client_ctx, server_hostname=hostname)
     server, client = Outcome(), Outcome()
 
     async def run_server() -> None:
@@ -357,31 +359,36 @@ async def test_tls12_only_client_refused_by_tls13_server(trustme_pki: PKI) -> No
 
 
 async def test_plain_usbip_to_tls_port(trustme_pki: PKI) -> None:
-    a, b = trio.testing.memory_stream_pair()
-    server_stream = trio.SSLStream(a, _server_ctx(trustme_pki), server_side=True)
-    await b.send_all(bytes.fromhex("0111800500000000"))  # OP_REQ_DEVLIST
+    a, b = socket.socketpair()
+    server_stream = TlsStream(a, _server_ctx(trustme_pki), server_side=True)
+    b.sendall(bytes.fromhex("0111800500000000"))  # OP_REQ_DEVLIST
     with pytest.raises(HandshakeFailed) as info:
         await handshake(server_stream, TIMEOUT)
     assert info.value.reason == "not_tls"
+    await server_stream.aclose()
+    b.close()
 
 
 async def test_peer_closes_during_handshake(trustme_pki: PKI) -> None:
-    a, b = trio.testing.memory_stream_pair()
-    server_stream = trio.SSLStream(a, _server_ctx(trustme_pki), server_side=True)
-    await b.aclose()
+    a, b = socket.socketpair()
+    server_stream = TlsStream(a, _server_ctx(trustme_pki), server_side=True)
+    b.close()
     with pytest.raises(HandshakeFailed) as info:
         await handshake(server_stream, TIMEOUT)
     assert info.value.reason == "eof"
+    await server_stream.aclose()
 
 
 async def test_handshake_timeout(autojump_clock: trio.testing.MockClock, trustme_pki: PKI) -> None:
-    a, _silent_peer = trio.testing.memory_stream_pair()
-    server_stream = trio.SSLStream(a, _server_ctx(trustme_pki), server_side=True)
+    a, silent_peer = socket.socketpair()
+    server_stream = TlsStream(a, _server_ctx(trustme_pki), server_side=True)
     start = trio.current_time()
     with pytest.raises(HandshakeFailed) as info:
         await handshake(server_stream, 30.0)
     assert info.value.reason == "timeout"
     assert trio.current_time() - start == pytest.approx(30.0)
+    await server_stream.aclose()
+    silent_peer.close()
 
 
 def test_reasons_are_bounded() -> None:
@@ -402,9 +409,9 @@ async def test_reload_swaps_for_new_connections_only(tmp_path: Path, trustme_pki
     assert holder.generation == 1
 
     # A connection opened before the reload keeps working after it.
-    a, b = trio.testing.memory_stream_pair()
-    old_server = trio.SSLStream(a, holder.current, server_side=True)
-    old_client = trio.SSLStream(b, _client_ctx(trustme_pki), server_hostname="localhost")
+    a, b = socket.socketpair()
+    old_server = TlsStream(a, holder.current, server_side=True)
+    old_client = TlsStream(b, _client_ctx(trustme_pki), server_hostname="localhost")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handshake, old_server, TIMEOUT)
         nursery.start_soon(handshake, old_client, TIMEOUT)
@@ -473,7 +480,7 @@ async def test_mutual_tls_over_loopback(own_pki: PKI) -> None:
     async def serve_one(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         tcp = await listeners[0].accept()
-        stream = trio.SSLStream(tcp, _server_ctx(own_pki), server_side=True)
+        stream = TlsStream.over(tcp, _server_ctx(own_pki), server_side=True)
         await handshake(stream, TIMEOUT)
         seen.append(peer_identity(stream))
         await stream.send_all(await stream.receive_some())
@@ -482,7 +489,7 @@ async def test_mutual_tls_over_loopback(own_pki: PKI) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_one)
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        stream = trio.SSLStream(tcp, _client_ctx(own_pki), server_hostname="127.0.0.1")
+        stream = TlsStream.over(tcp, _client_ctx(own_pki), server_hostname="127.0.0.1")
         await handshake(stream, TIMEOUT)
         await stream.send_all(b"ping")
         assert await stream.receive_some() == b"ping"

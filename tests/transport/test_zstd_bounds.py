@@ -1,4 +1,4 @@
-"""What a peer's zstd chunks can make a receiver hold, on both data planes.
+"""What a peer's zstd chunks can make a receiver hold, in Trio and in the relay threads.
 
 A peer can send many small chunks that each decode to a lot (zeros compress a thousand
 to one) in one small TLS write. Each read must decode one chunk, leaving the rest
@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import zstandard
 
-from gateway.transport.blocking import LinkBroken, ZstdEndpoint, endpoint
+from gateway.transport.blocking import LinkBroken, Wakeup, ZstdEndpoint, endpoint
 from gateway.transport.compression import (
     MAX_CHUNK,
     ChunkType,
@@ -25,8 +25,9 @@ from gateway.transport.compression import (
     ZstdStream,
     wrap,
 )
+from gateway.transport.tls_stream import TlsStream
 
-from ..relay.test_thread_pumps import socket_streams, tls_contexts
+from ..relay.test_thread_pumps import socket_streams, tls_pair
 
 KIB = 1024
 BURST = 200  # chunks in one write
@@ -52,7 +53,7 @@ def test_a_burst_is_a_small_write() -> None:
     assert len(zeros_burst(BURST, MAX_CHUNK)) < 16 * KIB
 
 
-# ----------------------------------------------------------------- Trio data plane
+# ----------------------------------------------------------------- Trio (the op phase)
 
 
 @pytest.mark.parametrize("plain_size", [128 * KIB, MAX_CHUNK], ids=["128KiB", "1MiB"])
@@ -90,31 +91,26 @@ async def test_trio_stream_refuses_a_chunk_over_the_limit() -> None:
     assert receiver.stats.plain_bytes == 0
 
 
-# ----------------------------------------------------------------- thread data plane
+# ----------------------------------------------------------------- the relay threads
 
 
 @asynccontextmanager
-async def zstd_endpoint() -> AsyncIterator[
-    tuple[trio.SSLStream[trio.SocketStream], ZstdStream, ZstdEndpoint]
-]:
+async def zstd_endpoint() -> AsyncIterator[tuple[TlsStream, ZstdStream, ZstdEndpoint]]:
     """A peer's TLS stream (to write chunks on as they are) and the endpoint a relay
     thread would read them from: zstd over real TLS over a socket pair."""
     peer_socket, our_socket = await socket_streams()
-    server_ctx, client_ctx = tls_contexts()
-    peer = trio.SSLStream(peer_socket, client_ctx, server_hostname="gateway.test")
-    ours = trio.SSLStream(our_socket, server_ctx, server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(peer.do_handshake)
-        nursery.start_soon(ours.do_handshake)
+    peer, ours = await tls_pair(peer_socket, our_socket)
     stream = wrap(ours)
     end = endpoint(stream)
     assert isinstance(end, ZstdEndpoint)
-    end.start()
+    wakeup = Wakeup()
+    end.start(wakeup)
     try:
         yield peer, stream, end
     finally:
         end.abort()
         end.finish()
+        wakeup.close()
         await trio.aclose_forcefully(peer)
         await trio.aclose_forcefully(ours)
 
