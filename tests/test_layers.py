@@ -13,7 +13,7 @@ ALLOWED: dict[str, set[str]] = {
     "pki": set(),
     "transport": {"config", "protocol"},  # the Address type; a codec's read loop
     "usbip": {"protocol", "transport"},
-    "accounting": {"protocol"},
+    "accounting": {"config", "protocol"},  # config: the GatewayRole type
     "policy": {"protocol", "transport"},  # the identity a rule names (transport.identity)
     "config": {"policy", "protocol"},
     "logs": set(),

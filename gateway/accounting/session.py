@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting.outcome import OPEN, Outcome, OutcomeKind
+from gateway.config import GatewayRole
 from gateway.protocol import (
     CmdSubmit,
     Frame,
@@ -32,7 +33,7 @@ _ids = itertools.count(1)
 
 @dataclass(slots=True)
 class Session:
-    role: str  # "server" or "client": which gateway this is
+    role: GatewayRole  # which gateway this is
     peer: str  # the TLS identity (server role) or the local client address
     address: str
     started: float  # wall-clock seconds, for humans

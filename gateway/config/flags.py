@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gateway.config.keys import Choice, Endpoint, Endpoints, File, Integer, Seconds
+from gateway.config.keys import Choice, File, HostPort, HostPorts, Integer, Seconds
 from gateway.config.schema import Declared, role_keys
 from gateway.config.wording import default_text
 
@@ -29,7 +29,7 @@ def _argument(d: Declared) -> dict[str, Any]:
         options.update(type=float, metavar="SECONDS")
     elif isinstance(kind, Integer):
         options.update(type=int, metavar=kind.unit.upper() or "N")
-    elif isinstance(kind, Endpoint | Endpoints):
+    elif isinstance(kind, HostPort | HostPorts):
         options["metavar"] = "HOST:PORT"
     else:
         options["metavar"] = flag.metavar or ("FILE" if isinstance(kind, File) else "TEXT")

@@ -152,7 +152,7 @@ class Directory:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
+class HostPort:
     default_port: int
     unit: str = ""
 
@@ -164,7 +164,7 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoints:
+class HostPorts:
     default_port: int
     unit: str = ""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.config.errors import ConfigError
 from gateway.config.schema import ROLES, Declared, declared_keys, tables
-from gateway.config.settings import ClientConfig, Role, ServerConfig
+from gateway.config.settings import ClientConfig, GatewayRole, ServerConfig
 
 
 def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -44,7 +44,7 @@ def _no_unknown(data: Mapping[str, Any], known: set[str], prefix: str) -> None:
         raise ConfigError(f"{prefix}{unknown[0]}", "unknown key")
 
 
-def _config(role: Role, data: Mapping[str, Any], base: Path) -> ServerConfig | ClientConfig:
+def _config(role: GatewayRole, data: Mapping[str, Any], base: Path) -> ServerConfig | ClientConfig:
     config = ROLES[role]
     known: dict[str, set[str]] = {role: set()}
     own = list(declared_keys(config, role))
@@ -103,7 +103,7 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 def load(
-    role: Role, path: Path | None, overrides: Mapping[str, Any]
+    role: GatewayRole, path: Path | None, overrides: Mapping[str, Any]
 ) -> ServerConfig | ClientConfig:
     """Read `path` (optional), overlay the command-line `overrides`, validate."""
     data = merge(read_toml(path), overrides)

@@ -17,10 +17,10 @@ from gateway.config.keys import (
     Boolean,
     Choice,
     Directory,
-    Endpoint,
-    Endpoints,
     File,
     Flag,
+    HostPort,
+    HostPorts,
     Integer,
     Key,
     Rules,
@@ -34,7 +34,8 @@ from gateway.protocol import DEFAULT_PORT, Limits
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
-Role = Literal["server", "client"]
+# Which gateway this is (not `protocol.Role`, the USB/IP side a message comes from).
+GatewayRole = Literal["server", "client"]
 DeviceLabel = Literal["none", "busid", "vidpid"]
 TLSVersion = Literal["1.2", "1.3"]
 Algorithm = Literal["none", "zstd"]
@@ -131,7 +132,7 @@ class MetricsSettings:
 
     listen: Address | None = setting(
         None,
-        Endpoint(METRICS_PORT),
+        HostPort(METRICS_PORT),
         "HTTP endpoint: /metrics, /healthz, /readyz and /status",
         flag=Flag("--metrics-listen"),
         default_text="none (no endpoint)",
@@ -164,7 +165,7 @@ class MetricsSettings:
     )
     status_listen: Address | None = setting(
         None,
-        Endpoint(METRICS_PORT),
+        HostPort(METRICS_PORT),
         "a second HTTP endpoint that serves /status too, e.g. 127.0.0.1:9242",
         flag=Flag("--metrics-status-listen"),
         default_text="none",
@@ -354,13 +355,13 @@ class ServerConfig(GatewayConfig):
 
     listen: tuple[Address, ...] = setting(
         (Address("0.0.0.0", DEFAULT_PORT),),
-        Endpoints(DEFAULT_PORT),
+        HostPorts(DEFAULT_PORT),
         "where to listen; `[::1]:3240` for IPv6",
         flag=Flag("--listen", help="address to listen on (repeatable)", repeat=True),
     )
     upstream: Address = setting(
         Address("127.0.0.1", DEFAULT_PORT),
-        Endpoint(DEFAULT_PORT),
+        HostPort(DEFAULT_PORT),
         "the kernel's usbipd",
         flag=Flag("--upstream"),
     )
@@ -378,7 +379,7 @@ class ClientConfig(GatewayConfig):
     """The client gateway: plain USB/IP on loopback in, mutual TLS out."""
 
     server: Address = field(
-        metadata=declare(Endpoint(DEFAULT_PORT), "the server gateway", flag=Flag("--server"))
+        metadata=declare(HostPort(DEFAULT_PORT), "the server gateway", flag=Flag("--server"))
     )
     server_name: str = field(
         metadata=declare(
@@ -391,7 +392,7 @@ class ClientConfig(GatewayConfig):
     )
     listen: tuple[Address, ...] = setting(
         (Address("127.0.0.1", DEFAULT_PORT),),
-        Endpoints(DEFAULT_PORT),
+        HostPorts(DEFAULT_PORT),
         "where to listen; `[::1]:3240` for IPv6",
         flag=Flag("--listen", help="address to listen on (repeatable)", repeat=True),
     )

@@ -35,13 +35,12 @@ from gateway.accounting.outcome import OutcomeKind
 from gateway.accounting.rtt import BUCKETS
 from gateway.accounting.series import DeviceLabeler, SeriesTable, SessionMeter
 from gateway.accounting.session import Session
-from gateway.config import Address, ClientConfig, MetricsSettings, ServerConfig
+from gateway.config import Address, ClientConfig, GatewayRole, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus, Role
 from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
 PREFIX = "usbip_gateway_"
-GatewayRole = Literal["server", "client"]
 PolicyTarget = Literal["devlist", "import"]
 #: Why the HTTP endpoint closed a connection its client had not closed.
 HttpCloseReason = Literal["evicted", "idle_timeout", "head_timeout", "write_timeout", "bad_request"]

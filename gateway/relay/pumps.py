@@ -37,7 +37,7 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay.budget import BufferBudget, Holding, OverBudget
-from gateway.transport.blocking import AnyEndpoint, LinkBroken, Wakeup, endpoint
+from gateway.transport.blocking import AnySocketEnd, LinkBroken, Wakeup, socket_end
 
 log = logging.getLogger("gateway.relay.pumps")
 
@@ -108,8 +108,8 @@ _THREADS = trio.CapacityLimiter(math.inf)
 def forward(
     splice: Splice,
     sender: Role,
-    source: AnyEndpoint,
-    sink: AnyEndpoint,
+    source: AnySocketEnd,
+    sink: AnySocketEnd,
     session: Session,
     *,
     lock: threading.Lock,
@@ -147,7 +147,7 @@ def forward(
 
 async def _relay_in_threads(
     splice: Splice,
-    ends: dict[Role, AnyEndpoint],
+    ends: dict[Role, AnySocketEnd],
     session: Session,
     *,
     holdings: dict[Role, Holding | None],
@@ -247,9 +247,9 @@ async def relay(
     holdings = {r: budget.holding() if budget is not None else None for r in Role}
     activity = Activity(clock())
     try:
-        ends = {Role.CLIENT: endpoint(client)}
+        ends = {Role.CLIENT: socket_end(client)}
         try:
-            ends[Role.SERVER] = endpoint(server)
+            ends[Role.SERVER] = socket_end(server)
         except BaseException:
             ends[Role.CLIENT].finish()
             raise

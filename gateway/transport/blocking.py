@@ -3,7 +3,7 @@
 An attached session's URBs cross each gateway twice, and on Trio every crossing costs a
 pass through the run loop per read, per write and per TLS record. A thread costs one
 wakeup per read: `recv`, `send`, `poll` and OpenSSL release the GIL while they wait or
-work. `endpoint()` lends a relay a stream's connection for that: a plain TCP (or MPTCP)
+work. `socket_end()` lends a relay a stream's connection for that: a plain TCP (or MPTCP)
 socket, taken from its `trio.SocketStream`, or a `TlsStream`'s `ssl.SSLSocket` after its
 handshake, and a zstd layer above either, with the layer's encoder and decoder.
 
@@ -53,7 +53,7 @@ class LinkBroken(Exception):
 
 
 class Wakeup:
-    """Wakes every thread waiting in `Endpoint.wait`: once set, it stays readable."""
+    """Wakes every thread waiting in `SocketEnd.wait`: once set, it stays readable."""
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -68,7 +68,7 @@ class Wakeup:
             self.fd = -1
 
 
-class Endpoint:
+class SocketEnd:
     """A socket (plain, or TLS with its lock) used by one reader and one writer thread.
 
     `owned`: the endpoint closes the socket in `finish()` (taken from a SocketStream);
@@ -238,10 +238,10 @@ class Endpoint:
                 self._wait(want, reading=False)
 
 
-class ZstdEndpoint:
+class ZstdSocketEnd:
     """zstd chunks (`gateway.transport.compression`) over another endpoint."""
 
-    def __init__(self, inner: Endpoint, stream: ZstdStream) -> None:
+    def __init__(self, inner: SocketEnd, stream: ZstdStream) -> None:
         self.inner = inner
         self._stream = stream
         self._encoder: Encoder | None = None
@@ -294,14 +294,14 @@ class ZstdEndpoint:
         self.inner.send(encoded)
 
 
-AnyEndpoint = Endpoint | ZstdEndpoint
+AnySocketEnd = SocketEnd | ZstdSocketEnd
 
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def endpoint(stream: trio.abc.Stream) -> AnyEndpoint:
+def socket_end(stream: trio.abc.Stream) -> AnySocketEnd:
     """`stream` as an endpoint: a `trio.SocketStream` (whose socket it takes), a
     `TlsStream` after its handshake, or a `ZstdStream` over either.
 
@@ -309,15 +309,15 @@ def endpoint(stream: trio.abc.Stream) -> AnyEndpoint:
     endpoint, and a SocketStream's socket: once called, the relay must use the endpoint.
     """
     if isinstance(stream, ZstdStream):
-        return ZstdEndpoint(_plain_or_tls(stream.transport), stream)
+        return ZstdSocketEnd(_plain_or_tls(stream.transport), stream)
     return _plain_or_tls(stream)
 
 
-def _plain_or_tls(stream: trio.abc.Stream) -> Endpoint:
+def _plain_or_tls(stream: trio.abc.Stream) -> SocketEnd:
     if isinstance(stream, trio.SocketStream):
-        return Endpoint(take_socket(stream), owned=True)
+        return SocketEnd(take_socket(stream), owned=True)
     if isinstance(stream, TlsStream):
         if not stream.handshook:
             raise ValueError("the TLS handshake is not done")
-        return Endpoint(stream.socket, lock=stream.lock)
+        return SocketEnd(stream.socket, lock=stream.lock)
     raise TypeError(f"no socket to relay from under {type(stream).__name__}")

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.cli import _overrides, build_parser
 from gateway.config import Address, ConfigError, client_config, load
-from gateway.config.keys import Boolean, Choice, Endpoint, Endpoints, File, Integer, Seconds
+from gateway.config.keys import Boolean, Choice, File, HostPort, HostPorts, Integer, Seconds
 from gateway.config.schema import ROLES, Declared, declared_keys, role_keys
 from gateway.config.settings import ClientConfig, ServerConfig
 
@@ -71,7 +71,7 @@ def _sample(d: Declared, files: Path) -> list[str]:
         value = "7.5"
     elif isinstance(kind, Integer):
         value = "7"
-    elif isinstance(kind, Endpoint | Endpoints):
+    elif isinstance(kind, HostPort | HostPorts):
         value = "[::1]:7"
     elif isinstance(kind, File):
         value = str(files / "gw.pem")
@@ -88,7 +88,7 @@ def test_each_flag_sets_its_own_key_and_no_other(role: str, tmp_path: Path) -> N
         given = {k: v for k, v in _overrides(role, args).items() if v is not None}
         assert list(given) == [d.dotted]
         value = given[d.dotted]
-        if isinstance(d.key.kind, Endpoints):
+        if isinstance(d.key.kind, HostPorts):
             value = value[0]
         assert d.key.kind.read(value, d.dotted, tmp_path) is not None
 

@@ -38,7 +38,7 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay.pumps import relay
-from gateway.transport.blocking import endpoint
+from gateway.transport.blocking import socket_end
 from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
 from gateway.transport.reads import next_event
 from gateway.transport.tls_stream import TlsStream, take_socket
@@ -317,7 +317,7 @@ async def test_cancelling_wakes_threads_even_when_a_peer_does_not_read() -> None
 async def test_a_stream_without_a_socket_cannot_be_relayed() -> None:
     a, b = trio.testing.memory_stream_pair()
     with pytest.raises(TypeError, match="no socket to relay from under StapledStream"):
-        endpoint(a)
+        socket_end(a)
     await a.aclose()
     await b.aclose()
 

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import zstandard
 
-from gateway.transport.blocking import LinkBroken, Wakeup, ZstdEndpoint, endpoint
+from gateway.transport.blocking import LinkBroken, Wakeup, ZstdSocketEnd, socket_end
 from gateway.transport.compression import (
     MAX_CHUNK,
     ChunkType,
@@ -95,14 +95,14 @@ async def test_trio_stream_refuses_a_chunk_over_the_limit() -> None:
 
 
 @asynccontextmanager
-async def zstd_endpoint() -> AsyncIterator[tuple[TlsStream, ZstdStream, ZstdEndpoint]]:
+async def zstd_endpoint() -> AsyncIterator[tuple[TlsStream, ZstdStream, ZstdSocketEnd]]:
     """A peer's TLS stream (to write chunks on as they are) and the endpoint a relay
     thread would read them from: zstd over real TLS over a socket pair."""
     peer_socket, our_socket = await socket_streams()
     peer, ours = await tls_pair(peer_socket, our_socket)
     stream = wrap(ours)
-    end = endpoint(stream)
-    assert isinstance(end, ZstdEndpoint)
+    end = socket_end(stream)
+    assert isinstance(end, ZstdSocketEnd)
     wakeup = Wakeup()
     end.start(wakeup)
     try:
