@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import trio
 
@@ -16,8 +15,7 @@ from gateway.accounting.outcome import Outcome, OutcomeKind
 from gateway.accounting.session import Session
 from gateway.config import ClientConfig, is_loopback
 from gateway.edges.acceptor import Acceptor, Slot
-from gateway.edges.reloading import watch_tls
-from gateway.observability.http import start_http
+from gateway.edges.gateway import Gateway
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay.budget import BufferBudget
@@ -42,7 +40,9 @@ from gateway.transport.tls_stream import TlsStream
 log = logging.getLogger("gateway.edges.client_gateway")
 
 
-class ClientGateway:
+class ClientGateway(Gateway[ClientConfig]):
+    log = log
+
     def __init__(self, config: ClientConfig, *, tls: ReloadableContext | None = None) -> None:
         self.config = config
         self.tls = tls or ReloadableContext.client(
@@ -66,7 +66,7 @@ class ClientGateway:
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
 
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
         for address in self.config.listen:
             if not is_loopback(address.host):
@@ -77,26 +77,12 @@ class ClientGateway:
                     address,
                 )
             listeners.extend(await open_tcp_listeners(address.host, address.port))
-        for listener in listeners:
-            log.info(
-                "listening on %s (plain USB/IP), server gateway %s (TLS name %s)",
-                local_name(listener),
-                self.config.server,
-                self.config.server_name,
-            )
-        async with trio.open_nursery() as nursery:
-            await start_http(nursery, self.metrics)
-            if self.config.tls.watch:
-                nursery.start_soon(watch_tls, self.tls, self.config.tls)
-            await nursery.start(self.acceptor.run, listeners)
-            self.metrics.listening = True
-            task_status.started(listeners)
+        return listeners
 
-    async def shutdown(self, timeout: float | None = None) -> bool:
-        """Stop accepting, let open sessions end (up to the shutdown timeout); True if
-        they all ended by themselves."""
-        return await self.acceptor.drain(
-            self.config.shutdown_timeout if timeout is None else timeout
+    def _describe(self, listener: TunedListener) -> str:
+        return (
+            f"{local_name(listener)} (plain USB/IP), server gateway {self.config.server} "
+            f"(TLS name {self.config.server_name})"
         )
 
     async def connect(self) -> TlsStream:

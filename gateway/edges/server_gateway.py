@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -25,8 +24,8 @@ from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.edges.audit import AuditLog
 from gateway.edges.device_facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
-from gateway.edges.reloading import watch, watch_tls
-from gateway.observability.http import start_http
+from gateway.edges.gateway import Gateway
+from gateway.edges.reloading import watch
 from gateway.observability.metrics import GatewayMetrics
 from gateway.policy import DeviceFacts, Target
 from gateway.protocol import (
@@ -83,7 +82,9 @@ class Attached:
     revoked: Outcome | None = None
 
 
-class ServerGateway:
+class ServerGateway(Gateway[ServerConfig]):
+    log = log
+
     def __init__(
         self,
         config: ServerConfig,
@@ -136,7 +137,7 @@ class ServerGateway:
 
     # -- lifecycle
 
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
         for address in self.config.listen:
             listeners.extend(
@@ -144,33 +145,21 @@ class ServerGateway:
                     address.host, address.port, mptcp=self.config.transport.mptcp
                 )
             )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.audit.run)
-            await start_http(nursery, self.metrics)
-            if self.config.policy.file is not None and self.config.policy.watch:
-                nursery.start_soon(self.watch_policy)
-            if self.config.tls.watch:
-                nursery.start_soon(watch_tls, self.tls, self.config.tls)
-            await nursery.start(self.acceptor.run, listeners)
-            self.metrics.listening = True
-            for listener in listeners:
-                log.info(
-                    "listening on %s (mutual TLS), usbipd at %s",
-                    local_name(listener),
-                    self.config.upstream,
-                )
-            task_status.started(listeners)
+        return listeners
 
-    async def shutdown(self, timeout: float | None = None) -> bool:
-        """Stop accepting, let open sessions end (up to the shutdown timeout), flush the
-        audit log; True if every session ended by itself."""
-        clean = await self.acceptor.drain(
-            self.config.shutdown_timeout if timeout is None else timeout
-        )
+    def _describe(self, listener: TunedListener) -> str:
+        return f"{local_name(listener)} (mutual TLS), usbipd at {self.config.upstream}"
+
+    async def _start_services(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.audit.run)
+        if self.config.policy.file is not None and self.config.policy.watch:
+            nursery.start_soon(self.watch_policy)
+
+    async def _after_drain(self) -> None:
+        """Flush the audit log: every session's end is in it."""
         self.audit.close()
         with trio.move_on_after(AUDIT_FLUSH_TIMEOUT):
             await self.audit.finished.wait()
-        return clean
 
     def reload_policy(self) -> bool:
         """Reload the policy file; judge attached sessions again. False: old one kept."""
@@ -274,10 +263,6 @@ class ServerGateway:
                 fingerprint_sha256=exc.fingerprint_sha256,
             )
             return None
-
-    async def wait_idle(self) -> None:
-        """Until no connection is open (each one logged, audited and counted)."""
-        await self.acceptor.wait_idle()
 
     async def _serve_session(
         self, client: trio.abc.Stream, identity: PeerIdentity, session: Session
