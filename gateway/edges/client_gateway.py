@@ -121,7 +121,7 @@ class ClientGateway(Gateway[ClientConfig]):
         self.metrics.session_started(session)
         try:
             try:
-                upstream = await self.connect()
+                server_link = await self.connect()
             except HandshakeFailed as exc:
                 session.outcome = Outcome(
                     OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
@@ -136,7 +136,7 @@ class ClientGateway(Gateway[ClientConfig]):
                 await trio.aclose_forcefully(stream)
                 return
             try:
-                session.peer = str(peer_identity(upstream))
+                session.peer = str(peer_identity(server_link))
             except IdentityRefused as exc:
                 # Only an undecodable certificate: a server's may be a CA's (the client
                 # checks it names the server, which is what matters here).
@@ -144,13 +144,13 @@ class ClientGateway(Gateway[ClientConfig]):
                 session.outcome = Outcome(
                     OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
                 )
-                await trio.aclose_forcefully(upstream)
+                await trio.aclose_forcefully(server_link)
                 return
-            session.transport = transport_name(upstream)
+            session.transport = transport_name(server_link)
             link = compress_if_negotiated(
-                upstream, level=self.config.compression.level, on_bytes=self.metrics.compressed
+                server_link, level=self.config.compression.level, on_bytes=self.metrics.compressed
             )
-            session.compression = "none" if link is upstream else "zstd"
+            session.compression = "none" if link is server_link else "zstd"
             log.debug(
                 "session %d to %s: %s, compression %s",
                 session.id,
