@@ -98,9 +98,9 @@ def cut_frames(
     return (out[0] if len(out) == 1 else b"".join(out)), closed, error
 
 
-# Sessions of one device share metric series: frames are accounted under one lock, and
-# parsed under their session's (both pumps of a session share its Splice).
-_ACCOUNTING_LOCK = threading.Lock()
+# Frames are parsed and accounted to their session under its Splice's lock (both pumps of
+# a session share it); the metric series that sessions of one device share lock
+# themselves (accounting.series), so no lock spans sessions here.
 # Threads are bounded by the sessions the acceptor lets in, not by Trio's default 40.
 _THREADS = trio.CapacityLimiter(math.inf)
 
@@ -121,11 +121,6 @@ def forward(
     `lock` guards `splice` against the other direction's thread; `holding` counts the
     partial frames held against the gateway's budget (OverBudget past it)."""
     observe = session.observe
-
-    def observe_shared(sender: Role, frame: Frame, now: float) -> None:
-        with _ACCOUNTING_LOCK:
-            observe(sender, frame, now)
-
     buffered = splice.buffered
     while True:
         data = source.recv()
@@ -133,7 +128,7 @@ def forward(
         if activity is not None:
             activity.at = now
         with lock:
-            out, closed, error = cut_frames(splice, sender, data, observe_shared, now)
+            out, closed, error = cut_frames(splice, sender, data, observe, now)
             held = buffered(sender)
         if holding is not None and held != holding.held:  # whole frames: nothing to do
             holding.update(held)
