@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import trio
 
 from gateway.accounting.outcome import Outcome, OutcomeKind
 from gateway.accounting.session import Session
-from gateway.config import ClientConfig, is_loopback
+from gateway.config import Address, ClientConfig, is_loopback
 from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.gateway import Gateway
 from gateway.observability.metrics import GatewayMetrics
@@ -40,6 +41,14 @@ from gateway.transport.tls_stream import TlsStream
 log = logging.getLogger("gateway.edges.client_gateway")
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The server gateway new sessions go to, and the name its certificate must carry."""
+
+    server: Address
+    server_name: str
+
+
 class ClientGateway(Gateway[ClientConfig]):
     log = log
 
@@ -54,6 +63,9 @@ class ClientGateway(Gateway[ClientConfig]):
             alpn=alpn_protocols(config.compression.enabled),
         )
         self.sessions: dict[int, Session] = {}
+        # Where sessions go; an NMOS activation may change it, or switch it off (None).
+        self.route: Route | None = Route(config.server, config.server_name)
+        self._scopes: dict[int, trio.CancelScope] = {}
         self.metrics = GatewayMetrics.for_client(config)
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
@@ -85,9 +97,26 @@ class ClientGateway(Gateway[ClientConfig]):
             f"(TLS name {self.config.server_name})"
         )
 
+    def reroute(self, route: Route | None) -> None:
+        """Send new sessions along `route` (None: refuse them). A change closes the open
+        sessions, which detaches their devices: they belonged to the old route."""
+        if route == self.route:
+            return
+        log.info(
+            "server gateway now %s; closing %d open session(s)",
+            "none" if route is None else f"{route.server} (TLS name {route.server_name})",
+            len(self._scopes),
+        )
+        self.route = route
+        for scope in self._scopes.values():
+            scope.cancel()
+
     async def connect(self) -> TlsStream:
         """A verified mutual-TLS connection to the server gateway."""
-        server = self.config.server
+        route = self.route
+        if route is None:
+            raise OSError("no server gateway: the route is switched off")
+        server = route.server
         try:
             tcp = await open_tcp(
                 server.host,
@@ -99,7 +128,7 @@ class ClientGateway(Gateway[ClientConfig]):
             self.metrics.upstream_connect_failed()
             raise
         self.metrics.upstream_connected()
-        stream = TlsStream.over(tcp, self.tls.current, server_hostname=self.config.server_name)
+        stream = TlsStream.over(tcp, self.tls.current, server_hostname=route.server_name)
         try:
             await handshake(stream, self.config.handshake_timeout)
         except HandshakeFailed as exc:
@@ -119,55 +148,64 @@ class ClientGateway(Gateway[ClientConfig]):
         session = Session("client", "", peer_name(stream), time.time())
         self.sessions[session.id] = session
         self.metrics.session_started(session)
+        scope = self._scopes[session.id] = trio.CancelScope()
         try:
-            try:
-                server_link = await self.connect()
-            except HandshakeFailed as exc:
+            with scope:
+                await self._serve_session(stream, session)
+            if scope.cancelled_caught:
                 session.outcome = Outcome(
-                    OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
+                    OutcomeKind.CLOSED, "the route to the server gateway changed"
                 )
-                await trio.aclose_forcefully(stream)
-                return
-            except (OSError, trio.TooSlowError) as exc:
-                session.outcome = Outcome(
-                    OutcomeKind.UPSTREAM_UNREACHABLE,
-                    f"server gateway {self.config.server} unreachable: {exc or 'timeout'}",
-                )
-                await trio.aclose_forcefully(stream)
-                return
-            try:
-                session.peer = str(peer_identity(server_link))
-            except IdentityRefused as exc:
-                # Only an undecodable certificate: a server's may be a CA's (the client
-                # checks it names the server, which is what matters here).
-                self.metrics.identity_refused(exc.reason)
-                session.outcome = Outcome(
-                    OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
-                )
-                await trio.aclose_forcefully(server_link)
-                return
-            session.transport = transport_name(server_link)
-            link = compress_if_negotiated(
-                server_link, level=self.config.compression.level, on_bytes=self.metrics.compressed
-            )
-            session.compression = "none" if link is server_link else "zstd"
-            log.debug(
-                "session %d to %s: %s, compression %s",
-                session.id,
-                session.peer,
-                session.transport,
-                session.compression,
-            )
-            await relay(
-                Splice(self.config.limits),
-                stream,
-                link,
-                session,
-                budget=self.buffers,
-                idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
-            )
         finally:
+            del self._scopes[session.id]
             await close_all(stream)
             del self.sessions[session.id]
             self.metrics.session_ended(session)
             log_session_end(log, session)
+
+    async def _serve_session(self, stream: trio.SocketStream, session: Session) -> None:
+        """Connect to the server gateway and relay; `session.outcome` says how it ended."""
+        route = self.route
+        server = "none" if route is None else str(route.server)
+        try:
+            server_link = await self.connect()
+        except HandshakeFailed as exc:
+            session.outcome = Outcome(OutcomeKind.TLS_FAILED, f"TLS to {server} failed: {exc}")
+            await trio.aclose_forcefully(stream)
+            return
+        except (OSError, trio.TooSlowError) as exc:
+            session.outcome = Outcome(
+                OutcomeKind.UPSTREAM_UNREACHABLE,
+                f"server gateway {server} unreachable: {exc or 'timeout'}",
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            session.peer = str(peer_identity(server_link))
+        except IdentityRefused as exc:
+            # Only an undecodable certificate: a server's may be a CA's (the client
+            # checks it names the server, which is what matters here).
+            self.metrics.identity_refused(exc.reason)
+            session.outcome = Outcome(OutcomeKind.TLS_FAILED, f"TLS to {server} failed: {exc}")
+            await trio.aclose_forcefully(server_link)
+            return
+        session.transport = transport_name(server_link)
+        link = compress_if_negotiated(
+            server_link, level=self.config.compression.level, on_bytes=self.metrics.compressed
+        )
+        session.compression = "none" if link is server_link else "zstd"
+        log.debug(
+            "session %d to %s: %s, compression %s",
+            session.id,
+            session.peer,
+            session.transport,
+            session.compression,
+        )
+        await relay(
+            Splice(self.config.limits),
+            stream,
+            link,
+            session,
+            budget=self.buffers,
+            idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
+        )
