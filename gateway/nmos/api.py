@@ -67,12 +67,12 @@ class NmosApi:
         *,
         transport_file: Callable[[], str] | None = None,
         scheduled: Callable[[tuple[int, int]], None] | None = None,
-        on_refused: Callable[[str], None] | None = None,
+        on_refused: Callable[[int], None] | None = None,
     ) -> None:
         self.state = state
         self.transport_file = transport_file
         self.scheduled = scheduled
-        self.on_refused = on_refused  # counts requests answered with a 4xx
+        self.on_refused = on_refused  # counts refused requests, by status
 
     async def __call__(self, request: Request) -> Answer:
         method = "GET" if request.method == "HEAD" else request.method
@@ -83,8 +83,8 @@ class NmosApi:
         try:
             return self._route(method, parts, request.body)
         except _Refused as exc:
-            if exc.status < 500 and self.on_refused is not None:
-                self.on_refused(str(exc))
+            if self.on_refused is not None:
+                self.on_refused(exc.status)
             log.info("NMOS %s %s: %d %s", request.method, path[:200], exc.status, exc)
             return _error(exc.status, str(exc), exc.allow)
 

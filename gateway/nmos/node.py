@@ -27,6 +27,7 @@ from gateway.usbip.importer import list_devices
 from .api import NmosApi
 from .connection import Port, receiver_params, sender_params
 from .dnssd import DnsSd
+from .metrics import NmosMetrics
 from .model import NODE_API_VERSION, Interface, NodeFacts, UsbDevice, tai_now
 from .registration import Registration, node_txt
 from .sdp import Leg, make_sdp
@@ -134,7 +135,7 @@ class NmosNode:
             )
         else:
             port = self._receiver_port(addresses)
-        self.changed = trio.Event()
+        self.metrics = NmosMetrics(gateway.metrics)
         self.counters: dict[str, int] = {}
         self.registration: Registration | None = None
         self.dnssd: DnsSd | None = None
@@ -146,6 +147,7 @@ class NmosNode:
             self.state,
             transport_file=self.transport_file if self.is_sender else None,
             scheduled=lambda _due: self._wake.set(),
+            on_refused=self.metrics.refused,
         )
 
     def _sender_legs(self, listening: list[Address], host: str) -> list[Leg]:
@@ -168,7 +170,7 @@ class NmosNode:
             source_ip: str | None = str(ipaddress.ip_address(server.host))
         except ValueError:
             source_ip = None  # a name: not a transport parameter; /active says null
-        legs = 2 if self.gateway.config.transport.mptcp and len(self.settings.legs) > 1 else 1
+        legs = 2 if self.gateway.config.transport.mptcp else 1  # TR-10-14: a leg per path
         params = receiver_params(addresses, DEFAULT_PORT)
         initial = {"source_ip": source_ip, "source_port": server.port, "interface_ip": addresses[0]}
         port = Port("receiver", [params] * legs, [dict(initial) for _ in range(legs)])
@@ -188,8 +190,6 @@ class NmosNode:
         self.counters[kind] = self.counters.get(kind, 0) + 1
         if self.registration is not None:
             self.registration.changed(kind)
-        self.changed.set()
-        self.changed = trio.Event()
 
     async def _advertise(self) -> None:
         """Peer-to-peer: the Node's own DNS-SD advertisement (no registry found)."""
@@ -203,6 +203,7 @@ class NmosNode:
                 )
 
     def _on_activate(self, port: Port) -> None:
+        self.metrics.activations.inc()
         if not isinstance(self.gateway, ClientGateway):
             log.info("NMOS: Sender activated (master_enable %s)", port.active["master_enable"])
             return
@@ -252,7 +253,11 @@ class NmosNode:
                     self.dnssd = DnsSd(NODE_API_VERSION)
                     await self.dnssd.start()
                 self.registration = Registration(
-                    self.state, self.settings, dnssd=self.dnssd, advertise=self._advertise
+                    self.state,
+                    self.settings,
+                    dnssd=self.dnssd,
+                    advertise=self._advertise,
+                    metrics=self.metrics,
                 )
                 nursery.start_soon(self._register)
             task_status.started(bound)

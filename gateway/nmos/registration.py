@@ -16,6 +16,7 @@ from gateway.config import NmosSettings
 
 from .client import HttpFailed, http_request
 from .dnssd import DnsSd, Registry
+from .metrics import NmosMetrics
 from .model import NODE_API_VERSION
 from .state import NodeState
 
@@ -38,7 +39,9 @@ class Registration:
         *,
         dnssd: DnsSd | None = None,
         advertise: Callable[[], Awaitable[None]] | None = None,
+        metrics: NmosMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.state = state
         self.settings = settings
         self.dnssd = dnssd
@@ -82,9 +85,13 @@ class Registration:
             except RegistryFailed as exc:
                 log.warning("NMOS: registry %s:%d: %s", registry.host, registry.port, exc)
                 failed.add(registry)
+                if self.metrics is not None:
+                    self.metrics.registry_failures.inc()
             finally:
                 self.registry = None
                 self.registered = trio.Event()
+                if self.metrics is not None:
+                    self.metrics.registered.set(0)
 
     async def _use(self, registry: Registry) -> None:
         """Register with `registry` and keep at it until it fails."""
@@ -103,6 +110,8 @@ class Registration:
             self.ever_registered = True
         log.info("NMOS: registered with %s:%d", registry.host, registry.port)
         self.registered.set()
+        if self.metrics is not None:
+            self.metrics.registered.set(1)
         beat = True  # the first heartbeat at once: the registry knows it is in use
         while True:
             if not beat:

@@ -130,6 +130,8 @@ async def test_a_controller_connects_streams_and_disconnects_a_usb_device(pki: P
                     await trio.sleep(0.01)
             (receiver,) = (await http("GET", f"{receiver_api}{NODE}/receivers"))[1]
             assert receiver["subscription"]["active"] is False
+            text = stack.client.metrics.exposition().decode()
+            assert 'usbip_gateway_nmos_activations_total{role="client"} 3.0' in text
             nursery.cancel_scope.cancel()
 
 

@@ -75,10 +75,9 @@ async def test_resources_follow_the_model_and_keep_their_ids(pki: PKI) -> None:
             (receiver,) = json.loads(body)
             assert receiver["caps"]["media_types"] == ["application/usb"]
             assert receiver["caps"]["constraint_sets"][0][model.CAP_USB_CLASS] == {"enum": [3]}
-            # The same seed after a restart: the same ids.
-            again = NmosNode(stack.server, [stack.server_address])
-            assert again.facts.id("sender") == sender["id"]
-            assert node.facts.id("sender") == model.resource_id("lab-1", "sender")
+            # The ids are a function of the seed alone: the same after a restart.
+            assert sender["id"] == model.resource_id("lab-1", "sender")
+            assert flow["id"] == model.resource_id("lab-1", "flow")
             nursery.cancel_scope.cancel()
 
 
@@ -151,4 +150,10 @@ async def test_errors_cors_and_limits_over_http(pki: PKI) -> None:
             status, _, body = await raw(port, get(staged))
             assert status == 200
             assert json.loads(body)["master_enable"] is True
+            # Each refusal counted by status (the 413 is the HTTP layer's: bad_request).
+            text = stack.client.metrics.exposition().decode()
+            refused = 'usbip_gateway_nmos_requests_refused_total{role="client",status="%s"}'
+            assert f"{refused % 400} 2.0" in text
+            assert f"{refused % 404} 1.0" in text
+            assert f"{refused % 405} 1.0" in text
             nursery.cancel_scope.cancel()
