@@ -6,49 +6,23 @@ the session. The HTTP is a few lines of urllib, as any controller might do it.""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import urllib.error
-import urllib.request
 from functools import partial
 from typing import Any
 
 import pytest
 import trio
 
-from gateway.config import Address, NmosSettings
+from gateway.config import Address
 from gateway.demo import LOOPBACK_BUSID, Stack, start_stack
 from gateway.nmos.node import NmosNode, run_nmos
 from gateway.protocol import Direction
 from gateway.usbip.importer import import_device, list_devices
 
 from ..pkitools import PKI
+from .controller import CONNECTION, NODE, http, nmos_settings
 
-NODE = "/x-nmos/node/v1.3"
-CONNECTION = "/x-nmos/connection/v1.1"
 WAIT = 20.0
-
-
-def _http(method: str, url: str, value: Any = None) -> tuple[int, Any]:
-    data = None if value is None else json.dumps(value).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            status, body = answer.status, answer.read()
-            kind = answer.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as error:
-        with error:
-            status, body, kind = error.code, error.read(), error.headers.get("Content-Type", "")
-    return status, json.loads(body) if "json" in kind else body.decode()
-
-
-async def http(method: str, url: str, value: Any = None) -> tuple[int, Any]:
-    return await trio.to_thread.run_sync(_http, method, url, value)
-
-
-def _off(**extra: Any) -> NmosSettings:
-    return NmosSettings(enabled=True, listen=Address("127.0.0.1", 0), registration=False, **extra)
 
 
 async def _nodes(nursery: trio.Nursery, pki: PKI) -> tuple[Stack, NmosNode, NmosNode]:
@@ -56,8 +30,8 @@ async def _nodes(nursery: trio.Nursery, pki: PKI) -> tuple[Stack, NmosNode, Nmos
         nursery,
         pki.server_tls(),
         pki.client_tls(),
-        server_nmos=_off(publish_devices=True),
-        client_nmos=_off(),
+        server_nmos=nmos_settings(publish_devices=True),
+        client_nmos=nmos_settings(),
     )
     sender_node = await nursery.start(partial(run_nmos, stack.server, [stack.server_address]))
     receiver_node = await nursery.start(partial(run_nmos, stack.client, [stack.client_address]))
@@ -173,7 +147,7 @@ async def test_the_source_lists_devices_only_for_its_audience(pki: PKI, tmp_path
                 pki.server_tls(),
                 pki.client_tls(),
                 policy=policy,
-                server_nmos=_off(publish_devices=True),
+                server_nmos=nmos_settings(publish_devices=True),
             )
             node = await nursery.start(partial(run_nmos, stack.server, [stack.server_address]))
             (source,) = (await http("GET", f"{node.facts.base}{NODE}/sources"))[1]
