@@ -33,6 +33,10 @@ async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
+def tai(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(":"))
+
+
 def get(path: str, method: str = "GET") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
 
@@ -108,7 +112,7 @@ def test_a_device_change_keeps_ids_and_moves_versions_forward() -> None:
     after = {k: state.resource(k) for k in state.kinds}
     assert {k: r["id"] for k, r in before.items()} == {k: r["id"] for k, r in after.items()}
     assert changed == ["source", "sender"]  # the classes offered changed too
-    assert after["source"]["version"] > before["source"]["version"]
+    assert tai(after["source"]["version"]) > tai(before["source"]["version"])
     assert after["flow"]["version"] == before["flow"]["version"]
     (listed,) = after["source"][model.USB_DEVICES]
     assert listed["ipmx_bus_id"] == list(b"1-3") + [0] * 61
@@ -156,4 +160,28 @@ async def test_errors_cors_and_limits_over_http(pki: PKI) -> None:
             assert f"{refused % 400} 2.0" in text
             assert f"{refused % 404} 1.0" in text
             assert f"{refused % 405} 1.0" in text
+            nursery.cancel_scope.cancel()
+
+
+async def test_unplugging_a_device_updates_the_source_not_the_ids(pki: PKI) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            stack = await start_stack(
+                nursery,
+                pki.server_tls(),
+                pki.client_tls(),
+                server_nmos=_settings(publish_devices=True),
+            )
+            node: NmosNode = await nursery.start(
+                partial(run_nmos, stack.server, [stack.server_address])
+            )
+            path = "/x-nmos/node/v1.3/sources"
+            (before,) = json.loads((await raw(node.facts.port, get(path)))[2])
+            assert len(before[model.USB_DEVICES]) == 3
+            del stack.sim.devices["1-3"]  # the keyboard unplugged
+            await node.refresh_devices()  # what the two-second poll does
+            (after,) = json.loads((await raw(node.facts.port, get(path)))[2])
+            assert len(after[model.USB_DEVICES]) == 2
+            assert after["id"] == before["id"]
+            assert tai(after["version"]) > tai(before["version"])
             nursery.cancel_scope.cancel()
