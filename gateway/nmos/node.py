@@ -67,11 +67,12 @@ def _mac(name: str) -> str:
     return "-".join(parts).lower()
 
 
-def _own_address() -> str:
-    """This host's address toward the rest of the network (no packet is sent)."""
+def _own_address(toward: str = "192.0.2.1") -> str:
+    """This host's IPv4 address toward `toward` (by default the rest of the network),
+    as the routing table says; no packet is sent."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
-            probe.connect(("192.0.2.1", 9))
+            probe.connect((toward, 9))
             return str(probe.getsockname()[0])
         except OSError:
             return "127.0.0.1"
@@ -110,8 +111,14 @@ class NmosNode:
             addresses = [leg.host for leg in self.legs]
         else:
             self.legs = []
-            addresses = [a for ips in table.values() for a in ips if ":" not in a]
-            addresses = addresses or ["127.0.0.1"]
+            # The Receiver's own address (interface_ip): toward the server first.
+            server = gateway.config.server.host if isinstance(gateway, ClientGateway) else ""
+            try:
+                first = _own_address(str(ipaddress.IPv4Address(server)))
+            except ValueError:
+                first = _own_address()
+            others = [a for ips in table.values() for a in ips if ":" not in a]
+            addresses = list(dict.fromkeys([first, *others]))
         names = [_interface_of(a, table) or "lo" for a in addresses]
         interfaces = tuple(Interface(n, _mac(n)) for n in dict.fromkeys([*names, "lo"]))
         self.facts = NodeFacts(
@@ -241,6 +248,7 @@ class NmosNode:
                 )
             )
             bound = [local_address(listener) for listener in listeners]
+            self.gateway.metrics.status_sections["nmos"] = self.status
             self.facts.port = bound[0].port
             if not (_is_wildcard(self.settings.listen.host) or self.settings.host):
                 self.facts.host = bound[0].host
@@ -261,6 +269,23 @@ class NmosNode:
                 )
                 nursery.start_soon(self._register)
             task_status.started(bound)
+
+    def status(self) -> dict[str, object]:
+        """The /status section: where the APIs are, the registry, the connection."""
+        port = self.state.port
+        return {
+            "api": self.facts.base,
+            "node_id": self.facts.id("node"),
+            "registry": None
+            if self.registration is None or self.registration.registry is None
+            else f"{self.registration.registry.host}:{self.registration.registry.port}",
+            self.state.port_kind: {
+                "id": self.facts.id(self.state.port_kind),
+                "master_enable": port.active["master_enable"],
+                "peer": port.active[port.peer_key],
+                "transport_params": port.active["transport_params"],
+            },
+        }
 
     async def _register(self) -> None:
         assert self.registration is not None

@@ -77,6 +77,8 @@ async def test_a_controller_connects_streams_and_disconnects_a_usb_device(pki: P
             assert active["transport_params"][0]["source_port"] == stack.server_address.port
             (receiver,) = (await http("GET", f"{receiver_api}{NODE}/receivers"))[1]
             assert receiver["subscription"] == {"sender_id": sender["id"], "active": True}
+            status_section = stack.client.metrics.status()["nmos"]
+            assert status_section["receiver"]["peer"] == sender["id"]
 
             # A device through the pair, byte for byte.
             device = await import_device(await _connect(stack.client_address), LOOPBACK_BUSID)
