@@ -131,7 +131,7 @@ class DnsSd:
     def _withdraw(self) -> None:
         if self.advertised is not None and self.zc is not None:
             self.zc.unregister_service(self.advertised)
-            log.info("NMOS: Node advertisement withdrawn (a registry is in use)")
+            log.info("NMOS: Node advertisement withdrawn")
         self.advertised = None
 
     async def close(self) -> None:
