@@ -87,6 +87,12 @@ class NmosApi:
                 self.on_refused(exc.status)
             log.info("NMOS %s %s: %d %s", request.method, path[:200], exc.status, exc)
             return _error(exc.status, str(exc), exc.allow)
+        except Exception:
+            # A fault here must not take the gateway down with the endpoint.
+            log.exception("NMOS %s %s: internal error", request.method, path[:200])
+            if self.on_refused is not None:
+                self.on_refused(500)
+            return _error(500, "internal error (logged)")
 
     # -- routing
 

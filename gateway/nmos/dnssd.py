@@ -97,8 +97,12 @@ class DnsSd:
             names = list(self.names.names.items())
         found = []
         for name, type_ in names:
-            info = self.zc.get_service_info(type_, name, RESOLVE_MS)
-            registry = None if info is None else suitable(info, self.version)
+            try:
+                info = self.zc.get_service_info(type_, name, RESOLVE_MS)
+                registry = None if info is None else suitable(info, self.version)
+            except Exception as exc:  # a malformed advertisement: not a registry
+                log.warning("NMOS: ignoring the advertisement %r: %s", name[:100], exc)
+                continue
             if registry is not None:
                 found.append(registry)
         return sorted(found)

@@ -7,7 +7,7 @@ from prometheus_client import Counter, Gauge
 from gateway.observability.metrics import PREFIX, GatewayMetrics
 
 # The statuses the APIs refuse with; any other is counted as "other".
-REFUSALS = ("400", "404", "405", "413", "423", "other")
+REFUSALS = ("400", "404", "405", "413", "423", "500", "other")
 
 
 class NmosMetrics:

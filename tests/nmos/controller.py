@@ -10,6 +10,10 @@ from typing import Any
 import trio
 
 from gateway.config import Address, NmosSettings
+from gateway.nmos.connection import Port, sender_params
+from gateway.nmos.model import Interface, NodeFacts
+from gateway.nmos.sdp import Leg
+from gateway.nmos.state import NodeState
 
 NODE = "/x-nmos/node/v1.3"
 CONNECTION = "/x-nmos/connection/v1.1"
@@ -35,3 +39,23 @@ async def http(method: str, url: str, value: Any = None) -> tuple[int, Any]:
 
 def nmos_settings(**extra: Any) -> NmosSettings:
     return NmosSettings(enabled=True, listen=Address("127.0.0.1", 0), registration=False, **extra)
+
+
+def sender_state() -> NodeState:
+    """A server Node's state, without a gateway."""
+    facts = NodeFacts(
+        seed="test",
+        role="server",
+        label="lab",
+        hostname="lab",
+        host="127.0.0.1",
+        port=3212,
+        interfaces=(Interface("lo", "00-00-00-00-00-00"),),
+        binding=("lo",),
+    )
+    port = Port(
+        "sender",
+        [sender_params(Leg("127.0.0.1", 3240))],
+        [{"source_ip": "127.0.0.1", "source_port": 3240}],
+    )
+    return NodeState(facts, port)

@@ -185,3 +185,26 @@ async def test_unplugging_a_device_updates_the_source_not_the_ids(pki: PKI) -> N
             assert after["id"] == before["id"]
             assert tai(after["version"]) > tai(before["version"])
             nursery.cancel_scope.cancel()
+
+
+async def test_a_fault_is_a_500_not_a_crash(caplog: Any) -> None:
+    from gateway.nmos.api import NmosApi  # noqa: PLC0415
+    from gateway.observability.http import Request  # noqa: PLC0415
+
+    from .controller import sender_state  # noqa: PLC0415
+
+    state = sender_state()
+    refused: list[int] = []
+
+    def boom(body: Any, now: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    state.patch = boom  # type: ignore[method-assign]
+    api = NmosApi(state, on_refused=refused.append)
+    path = f"/x-nmos/connection/v1.1/single/senders/{state.facts.id('sender')}/staged"
+    answer = await api(Request("PATCH", path, {}, b"{}"))
+    assert answer.status == 500
+    assert json.loads(answer.body)["error"] == "internal error (logged)"
+    assert refused == [500]
+    assert "internal error" in caplog.text
+    assert (await api(Request("GET", path, {}, b""))).status == 200

@@ -10,15 +10,14 @@ from typing import Any
 import trio
 
 from gateway.config import Address, NmosSettings
-from gateway.nmos.connection import Port, sender_params
 from gateway.nmos.dnssd import Registry
-from gateway.nmos.model import Interface, NodeFacts, UsbDevice
+from gateway.nmos.model import UsbDevice
 from gateway.nmos.registration import Registration
-from gateway.nmos.state import NodeState
 from gateway.observability.http import Answer, HttpLimits, Request, serve_http
 from gateway.observability.metrics import GatewayMetrics
 
 from ..pkitools import PKI
+from .controller import sender_state
 
 WAIT = 10.0
 BASE = "/x-nmos/registration/v1.3"
@@ -66,29 +65,6 @@ class FakeBrowser:
         self.withdrawn += 1
 
 
-def _state() -> NodeState:
-    facts = NodeFacts(
-        seed="test",
-        role="server",
-        label="lab",
-        hostname="lab",
-        host="127.0.0.1",
-        port=3212,
-        interfaces=(Interface("lo", "00-00-00-00-00-00"),),
-        binding=("lo",),
-    )
-    port = Port(
-        "sender", [sender_params(_leg())], [{"source_ip": "127.0.0.1", "source_port": 3240}]
-    )
-    return NodeState(facts, port)
-
-
-def _leg() -> Any:
-    from gateway.nmos.sdp import Leg  # noqa: PLC0415
-
-    return Leg("127.0.0.1", 3240)
-
-
 async def _serve(nursery: trio.Nursery, metrics: GatewayMetrics, app: FakeRegistry) -> int:
     listeners = await nursery.start(
         partial(
@@ -117,7 +93,7 @@ async def test_registers_beats_follows_changes_and_survives_a_registry_restart(p
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
             port = await _serve(nursery, metrics, registry)
-            state = _state()
+            state = sender_state()
             settings = NmosSettings(registry=Address("127.0.0.1", port), heartbeat_interval=0.05)
             registration = Registration(state, settings)
             state.on_change = registration.changed
@@ -156,7 +132,7 @@ async def test_fails_over_by_priority_and_goes_peer_to_peer_without_registry(pki
         async with trio.open_nursery() as nursery:
             ports = [await _serve(nursery, metrics, r) for r in (first, second)]
             browser = FakeBrowser([])
-            state = _state()
+            state = sender_state()
             registration = Registration(
                 state,
                 NmosSettings(heartbeat_interval=0.05),
