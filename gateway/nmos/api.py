@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.observability.http import Answer, Request
@@ -68,11 +68,13 @@ class NmosApi:
         transport_file: Callable[[], str] | None = None,
         scheduled: Callable[[tuple[int, int]], None] | None = None,
         on_refused: Callable[[int], None] | None = None,
+        fetch: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         self.state = state
         self.transport_file = transport_file
         self.scheduled = scheduled
         self.on_refused = on_refused  # counts refused requests, by status
+        self.fetch = fetch  # a Sender's transport file by its manifest_href (IS-04 target)
 
     async def __call__(self, request: Request) -> Answer:
         method = "GET" if request.method == "HEAD" else request.method
@@ -81,6 +83,10 @@ class NmosApi:
         if method == "OPTIONS":
             return Answer(200, "text/plain", b"", CORS)
         try:
+            if parts[:4] == ["x-nmos", "node", NODE_API_VERSION, "receivers"] and parts[5:] == [
+                "target"
+            ]:
+                return await self._target(method, parts[4], request.body)
             return self._route(method, parts, request.body)
         except _Refused as exc:
             if self.on_refused is not None:
@@ -155,6 +161,33 @@ class NmosApi:
             raise _Refused(404, f"no {kind} {rest[1]!r}")
         self._only(method, "GET")
         return _json(200, found)
+
+    async def _target(self, method: str, receiver_id: str, body: bytes) -> Answer:
+        """IS-04's (deprecated) connection: PUT a Sender to connect, `{}` to disconnect."""
+        self._only(method, "PUT")
+        if self.state.find("receiver", receiver_id) is None:
+            raise _Refused(404, f"no receiver {receiver_id!r}")
+        sender = self._body(body)
+        if not isinstance(sender, dict):
+            raise _Refused(400, "the body must be a Sender or {}")
+        immediate = {"mode": "activate_immediate"}
+        if not sender:
+            patch: dict[str, Any] = {"sender_id": None, "master_enable": False}
+        else:
+            href = sender.get("manifest_href")
+            if not isinstance(href, str) or self.fetch is None:
+                raise _Refused(400, "the Sender has no manifest_href to connect to")
+            try:
+                sdp = await self.fetch(href)
+            except (OSError, ValueError) as exc:
+                raise _Refused(400, f"cannot read the Sender's transport file: {exc}") from None
+            patch = {
+                "sender_id": sender.get("id"),
+                "master_enable": True,
+                "transport_file": {"data": sdp, "type": SDP_TYPE},
+            }
+        self._patch({**patch, "activation": immediate})
+        return _json(202, sender)
 
     # -- Connection API
 

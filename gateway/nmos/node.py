@@ -11,6 +11,7 @@ import socket
 import zlib
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import ifaddr
 import trio
@@ -25,6 +26,7 @@ from gateway.transport.names import local_address
 from gateway.usbip.importer import list_devices
 
 from .api import NmosApi
+from .client import HttpFailed, http_request
 from .connection import Port, receiver_params, sender_params
 from .dnssd import DnsSd
 from .metrics import NmosMetrics
@@ -38,6 +40,7 @@ log = logging.getLogger("gateway.nmos")
 MAX_BODY = 64 * 1024  # a PATCH, a bulk request or an SDP file is far smaller
 DEVICE_POLL = 2.0  # seconds between looks at usbipd's device list (plug, unplug)
 SYS_NET = Path("/sys/class/net")
+FETCH_TIMEOUT = 2.0  # a Sender's transport file, for an IS-04 target PUT
 
 
 def _is_wildcard(host: str) -> bool:
@@ -76,6 +79,23 @@ def _own_address(toward: str = "192.0.2.1") -> str:
             return str(probe.getsockname()[0])
         except OSError:
             return "127.0.0.1"
+
+
+async def fetch_transport_file(href: str) -> str:
+    """A Sender's SDP by its manifest_href (plain HTTP, bounded in time and size)."""
+    url = urlsplit(href)
+    if url.scheme != "http" or not url.hostname:
+        raise ValueError(f"{href[:100]!r} is not an http:// URL")
+    path = url.path + (f"?{url.query}" if url.query else "")
+    try:
+        status, body = await http_request(
+            url.hostname, url.port or 80, "GET", path or "/", timeout=FETCH_TIMEOUT
+        )
+    except HttpFailed as exc:
+        raise OSError(str(exc)) from None
+    if status != 200:
+        raise ValueError(f"GET {href[:100]} answered {status}")
+    return body.decode("utf-8", "replace")
 
 
 def _interface_of(address: str, table: dict[str, list[str]]) -> str | None:
@@ -155,6 +175,7 @@ class NmosNode:
             transport_file=self.transport_file if self.is_sender else None,
             scheduled=lambda _due: self._wake.set(),
             on_refused=self.metrics.refused,
+            fetch=fetch_transport_file,
         )
 
     def _sender_legs(self, listening: list[Address], host: str) -> list[Leg]:
@@ -259,7 +280,11 @@ class NmosNode:
             if self.settings.registration:
                 if self.settings.registry is None:
                     self.dnssd = DnsSd(NODE_API_VERSION)
-                    await self.dnssd.start()
+                    try:
+                        await self.dnssd.start()
+                    except Exception as exc:  # mDNS unusable here: the APIs still serve
+                        log.error("NMOS: no DNS-SD (%s): set [nmos] registry", exc)
+                        self.dnssd = None
                 self.registration = Registration(
                     self.state,
                     self.settings,

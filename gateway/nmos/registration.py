@@ -76,7 +76,10 @@ class Registration:
             if not untried:
                 failed.clear()
                 if not found and self.advertise is not None:
-                    await self.advertise()
+                    try:
+                        await self.advertise()
+                    except Exception as exc:  # zeroconf refused it: try again later
+                        log.warning("NMOS: cannot advertise the Node: %s", exc)
                 await trio.sleep(RETRY)
                 continue
             registry = untried[0]

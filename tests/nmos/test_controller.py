@@ -160,3 +160,28 @@ async def test_the_source_lists_devices_only_for_its_audience(pki: PKI, tmp_path
             # Other clients still see all three: the list is only the audience's.
             assert len(await list_devices(await _connect(stack.client_address))) == 3
             nursery.cancel_scope.cancel()
+
+
+async def test_the_is04_target_connects_and_disconnects_too(pki: PKI) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            stack, sender_node, receiver_node = await _nodes(nursery, pki)
+            (sender,) = (await http("GET", f"{sender_node.facts.base}{NODE}/senders"))[1]
+            rid = receiver_node.facts.id("receiver")
+            target = f"{receiver_node.facts.base}{NODE}/receivers/{rid}/target"
+            stack.client.reroute(None)
+            status, answer = await http("PUT", target, sender)
+            assert (status, answer["id"]) == (202, sender["id"])
+            assert stack.client.route is not None
+            assert stack.client.route.server == stack.server_address
+            (receiver,) = (await http("GET", f"{receiver_node.facts.base}{NODE}/receivers"))[1]
+            assert receiver["subscription"] == {"sender_id": sender["id"], "active": True}
+            # A Sender whose transport file cannot be read is refused, nothing changed.
+            broken = {**sender, "manifest_href": "http://127.0.0.1:1/nothing"}
+            status, answer = await http("PUT", target, broken)
+            assert status == 400
+            assert "transport file" in answer["error"]
+            assert stack.client.route is not None
+            assert (await http("PUT", target, {}))[0] == 202
+            assert stack.client.route is None
+            nursery.cancel_scope.cancel()
