@@ -313,7 +313,7 @@ async def _serve_plain(listen: tuple[str, int], upstream: tuple[str, int]) -> No
             await trio.aclose_forcefully(stream)
             return
         session = Session("plain", "", "", time.time())
-        await relay(Splice(), stream, up, session)
+        await relay(Splice(cut_through=True), stream, up, session)
 
     await trio.serve_tcp(handle, listen[1], host=listen[0])
 

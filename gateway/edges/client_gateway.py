@@ -159,7 +159,7 @@ class ClientGateway(Gateway[ClientConfig]):
                 session.compression,
             )
             await relay(
-                Splice(self.config.limits),
+                Splice(self.config.limits, cut_through=True),
                 stream,
                 link,
                 session,

@@ -267,7 +267,7 @@ class ServerGateway(Gateway[ServerConfig]):
     async def _serve_session(
         self, client: trio.abc.Stream, identity: PeerIdentity, session: Session
     ) -> None:
-        splice = Splice(self.config.limits)
+        splice = Splice(self.config.limits, cut_through=True)
         try:
             with trio.fail_after(self.config.request_timeout):
                 request = await receive_frame(splice, Role.CLIENT, client)

@@ -37,6 +37,7 @@ from .events import (
     OpReplyImport,
     OpRequestDevlist,
     OpRequestImport,
+    Payload,
     RetSubmit,
     RetUnlink,
 )
@@ -66,11 +67,19 @@ NEED_DATA: Final = NeedData()
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One message as a relay sees it: what it means, its exact bytes, its URB."""
+    """One message as a relay sees it: what it means, its exact bytes, its URB.
 
-    event: Event
+    With cut-through, a bulk or interrupt URB's frame comes in parts: first its checked
+    header (a `partial` event, `raw` holding the header and the data read so far), then
+    `Payload` frames with the rest of its data as it arrives.
+    """
+
+    event: Event | Payload
     raw: bytes
     urb: PendingUrb | None = None
+
+
+PAYLOAD: Final = Payload()
 
 
 def _iso_packets(buf: bytes | bytearray, offset: int, count: int) -> tuple[IsoPacket, ...]:
@@ -96,12 +105,14 @@ class _Reader:
     pending becomes the buffer as it is, so a message that fills it is taken uncopied.
     """
 
-    def __init__(self, sender: Role) -> None:
+    def __init__(self, sender: Role, *, cut_through: bool = False) -> None:
         self.sender = sender
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._need = 1  # bytes past `_pos` to wait for before trying again; a hint only
+        self._cut_through = cut_through
+        self.follows = 0  # data bytes of a cut-through frame still to come
 
     @property
     def buffered(self) -> int:
@@ -132,6 +143,24 @@ class _Reader:
         if self._pos:
             self._buf = self._buf[self._pos :]
             self._pos = 0
+
+    def payload(self, state: ProtocolState) -> Frame | NeedData:
+        """The next piece of a cut-through frame's data (`follows` > 0)."""
+        if state.phase is Phase.ERROR:
+            raise RemoteProtocolError("the connection already failed")
+        start = self._pos
+        end = min(len(self._buf), start + self.follows)
+        if end > start:
+            self._pos = end
+            self.follows -= end - start
+            return Frame(PAYLOAD, _take(self._buf, start, end))
+        if self._eof:
+            state.phase = Phase.ERROR
+            raise RemoteProtocolError(
+                f"the {self.sender.value} closed the connection mid-message "
+                f"({self.follows} bytes of data to come)"
+            )
+        return NEED_DATA
 
     def next(
         self, state: ProtocolState, keep_raw: bool
@@ -287,9 +316,16 @@ class _Reader:
             direction = Direction(direction)
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
+            partial = False
             if len(buf) < end:
-                self._need = end - pos
-                return None
+                # Bulk and interrupt data is passed on as it arrives; what the gateway
+                # reads (control requests, ISO descriptors) is waited for whole.
+                if not self._cut_through or iso or ep == 0:
+                    self._need = end - pos
+                    return None
+                partial = True
+                self.follows = end - len(buf)
+                end = data_end = len(buf)
             try:
                 event: Event = CmdSubmit(
                     seqnum=seqnum,
@@ -302,8 +338,9 @@ class _Reader:
                     number_of_packets=np,
                     interval=interval,
                     setup=setup,
-                    data=_take(buf, pos + URB_HEADER_SIZE, data_end),
+                    data=b"" if partial else _take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if iso else (),
+                    partial=partial,
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
@@ -331,9 +368,14 @@ class _Reader:
                 raise RemoteProtocolError(reason)
             data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
+            partial = False
             if len(buf) < end:
-                self._need = end - pos
-                return None
+                if not self._cut_through or urb.iso or urb.setup is not None:
+                    self._need = end - pos
+                    return None
+                partial = True
+                self.follows = end - len(buf)
+                end = data_end = len(buf)
             try:
                 event: Event = RetSubmit(
                     seqnum=seqnum,
@@ -342,11 +384,12 @@ class _Reader:
                     start_frame=start,
                     number_of_packets=np,
                     error_count=errors,
-                    data=_take(buf, pos + URB_HEADER_SIZE, data_end),
+                    data=b"" if partial else _take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if urb.iso else (),
                     devid=devid,
                     direction=direction,
                     ep=ep,
+                    partial=partial,
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
@@ -355,17 +398,6 @@ class _Reader:
             _, seqnum, devid, direction, ep, status = RET_UNLINK_HEADER.unpack_from(buf, pos)
             return RetUnlink(seqnum, status, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the server (expected RET_*)")
-
-
-def _next(reader: _Reader, state: ProtocolState, keep_raw: bool) -> Frame | NeedData:
-    try:
-        result = reader.next(state, keep_raw)
-    except ProtocolError:
-        state.phase = Phase.ERROR
-        raise
-    if isinstance(result, NeedData):
-        return result
-    return Frame(*result)
 
 
 class Connection:
@@ -390,8 +422,12 @@ class Connection:
         self._reader.feed(data)
 
     def next_event(self) -> Event | NeedData:
-        result = _next(self._reader, self._state, keep_raw=False)
-        return result if isinstance(result, NeedData) else result.event
+        try:
+            result = self._reader.next(self._state, False)
+        except ProtocolError:
+            self._state.phase = Phase.ERROR
+            raise
+        return result if isinstance(result, NeedData) else result[0]
 
     def send(self, event: Event) -> bytes:
         if isinstance(event, ConnectionClosed):
@@ -401,14 +437,18 @@ class Connection:
 
 
 class Splice:
-    """A relay's view of one connection: both directions, one state."""
+    """A relay's view of one connection: both directions, one state.
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    `cut_through`: a bulk or interrupt URB's data is passed on as it arrives, after its
+    header was checked (see `Frame`), rather than held until the frame is whole.
+    """
+
+    def __init__(self, limits: Limits | None = None, *, cut_through: bool = False) -> None:
         self._state = ProtocolState(limits)
         # Two attributes, not a dict keyed by Role: an Enum's hash is Python code, and
         # this lookup happens twice per frame.
-        self._client = _Reader(Role.CLIENT)
-        self._server = _Reader(Role.SERVER)
+        self._client = _Reader(Role.CLIENT, cut_through=cut_through)
+        self._server = _Reader(Role.SERVER, cut_through=cut_through)
 
     def _reader(self, sender: Role) -> _Reader:
         return self._client if sender is Role.CLIENT else self._server
@@ -429,8 +469,11 @@ class Splice:
 
     def next_frame(self, sender: Role) -> Frame | NeedData:
         state = self._state
+        reader = self._client if sender is Role.CLIENT else self._server
         try:
-            result = (self._client if sender is Role.CLIENT else self._server).next(state, True)
+            if reader.follows:
+                return reader.payload(state)
+            result = reader.next(state, True)
         except ProtocolError:
             state.phase = Phase.ERROR
             raise

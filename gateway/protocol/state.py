@@ -316,7 +316,7 @@ class ProtocolState:
         if reason is not None:
             raise error(reason)
         expected = event.actual_length if urb.direction == Direction.IN else 0
-        if len(event.data) != expected:
+        if len(event.data) != expected and not (event.partial and not event.data):
             raise error(f"RET_SUBMIT {urb.direction.name} carries {expected} data bytes")
         if urb.iso:
             np = event.number_of_packets
