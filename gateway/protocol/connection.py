@@ -52,6 +52,7 @@ from .records import (
 from .state import Limits, PendingUrb, Phase, ProtocolState, Role
 
 _U32 = struct.Struct(">I")
+_DIRECTIONS = (Direction.OUT, Direction.IN)
 _BUSID_END = OP_HEADER.size + 32
 
 
@@ -65,17 +66,17 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per frame, and frozen fields cost
 class Frame:
     """One message as a relay sees it: what it means, its exact bytes, its URB.
 
-    With cut-through, a bulk or interrupt URB's frame comes in parts: first its checked
-    header (a `partial` event, `raw` holding the header and the data read so far), then
-    `Payload` frames with the rest of its data as it arrives.
+    With cut-through, a bulk or interrupt URB's data is not copied into its event (whose
+    `cut_through` is set): `raw` holds the header and the data read so far, and the rest
+    comes as `Payload` frames as it arrives. `raw` may then be a view of what was received.
     """
 
     event: Event | Payload
-    raw: bytes
+    raw: bytes | memoryview
     urb: PendingUrb | None = None
 
 
@@ -86,6 +87,13 @@ def _iso_packets(buf: bytes | bytearray, offset: int, count: int) -> tuple[IsoPa
     unpack = ISO_DESCRIPTOR.unpack_from
     size = ISO_DESCRIPTOR.size
     return tuple(IsoPacket(*unpack(buf, offset + i * size)) for i in range(count))
+
+
+def _view(buf: bytes | bytearray, start: int, end: int) -> bytes | memoryview:
+    """Like `_take`, without copying out of an immutable buffer."""
+    if type(buf) is bytes:
+        return buf if start == 0 and end == len(buf) else memoryview(buf)[start:end]
+    return _take(buf, start, end)
 
 
 def _take(buf: bytes | bytearray, start: int, end: int) -> bytes:
@@ -113,6 +121,8 @@ class _Reader:
         self._need = 1  # bytes past `_pos` to wait for before trying again; a hint only
         self._cut_through = cut_through
         self.follows = 0  # data bytes of a cut-through frame still to come
+        self._checked = False  # the frame just parsed is a CMD_SUBMIT whose header passed
+        self._parse_urb = self._parse_cmd if sender is Role.CLIENT else self._parse_ret
 
     @property
     def buffered(self) -> int:
@@ -153,7 +163,7 @@ class _Reader:
         if end > start:
             self._pos = end
             self.follows -= end - start
-            return Frame(PAYLOAD, _take(self._buf, start, end))
+            return Frame(PAYLOAD, _view(self._buf, start, end))
         if self._eof:
             state.phase = Phase.ERROR
             raise RemoteProtocolError(
@@ -164,18 +174,23 @@ class _Reader:
 
     def next(
         self, state: ProtocolState, keep_raw: bool
-    ) -> tuple[Event, bytes, PendingUrb | None] | NeedData:
+    ) -> tuple[Event, bytes | memoryview, PendingUrb | None] | NeedData:
         if state.phase is Phase.ERROR:
             raise RemoteProtocolError("the connection already failed")
         if len(self._buf) - self._pos >= self._need:
-            parsed = self._parse(state)
+            # The URB phase goes straight to its parser: this runs for every frame.
+            parsed = self._parse_urb(state) if state.phase is Phase.URB else self._parse(state)
             if parsed is not None:
                 event, end = parsed
                 start = self._pos  # after `_parse`, which may have compacted the buffer
-                raw = _take(self._buf, start, end) if keep_raw else b""
+                raw = _view(self._buf, start, end) if keep_raw else b""
+                urb = state.apply(
+                    self.sender, event, RemoteProtocolError, header_checked=self._checked
+                )
+                # Only once it passed: a refused frame stays unconsumed, never passed on.
                 self._pos = end
                 self._need = 1
-                return event, raw, state.apply(self.sender, event, RemoteProtocolError)
+                return event, raw, urb
         if self._eof:
             left = len(self._buf) - self._pos
             if left:
@@ -291,19 +306,13 @@ class _Reader:
 
     # -- URB phase
 
-    def _urb_command(self) -> int | None:
-        if len(self._buf) - self._pos < URB_HEADER_SIZE:
-            self._need = URB_HEADER_SIZE
-            return None
-        command: int = _U32.unpack_from(self._buf, self._pos)[0]
-        return command
-
     def _parse_cmd(self, state: ProtocolState) -> tuple[Event, int] | None:
-        command = self._urb_command()
-        if command is None:
-            return None
         buf = self._buf
         pos = self._pos
+        if len(buf) - pos < URB_HEADER_SIZE:
+            self._need = URB_HEADER_SIZE
+            return None
+        command = _U32.unpack_from(buf, pos)[0]
         if command == UrbCommand.CMD_SUBMIT:
             (_, seqnum, devid, direction, ep, flags, length, start, np, interval, setup) = (
                 CMD_SUBMIT_HEADER.unpack_from(buf, pos)
@@ -313,19 +322,19 @@ class _Reader:
             reason, iso = state.submit_header_error(ep, direction, np, flags, length)
             if reason is not None:
                 raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
-            direction = Direction(direction)
+            direction = _DIRECTIONS[direction]  # 0 or 1, checked above; an Enum call is slow
+            self._checked = True
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
-            partial = False
-            if len(buf) < end:
-                # Bulk and interrupt data is passed on as it arrives; what the gateway
-                # reads (control requests, ISO descriptors) is waited for whole.
-                if not self._cut_through or iso or ep == 0:
-                    self._need = end - pos
-                    return None
-                partial = True
-                self.follows = end - len(buf)
-                end = data_end = len(buf)
+            # Bulk and interrupt data is passed on as it arrives; what the gateway reads
+            # (control requests, ISO descriptors) is waited for whole.
+            cut = self._cut_through and direction == Direction.OUT and not iso and ep != 0
+            if cut:
+                self.follows = max(0, end - len(buf))
+                end = data_end = min(end, len(buf))
+            elif len(buf) < end:
+                self._need = end - pos
+                return None
             try:
                 event: Event = CmdSubmit(
                     seqnum=seqnum,
@@ -338,24 +347,26 @@ class _Reader:
                     number_of_packets=np,
                     interval=interval,
                     setup=setup,
-                    data=b"" if partial else _take(buf, pos + URB_HEADER_SIZE, data_end),
+                    data=b"" if cut else _take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if iso else (),
-                    partial=partial,
+                    cut_through=cut,
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
+        self._checked = False
         if command == UrbCommand.CMD_UNLINK:
             _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf, pos)
             return CmdUnlink(seqnum, unlink, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the client (expected CMD_*)")
 
     def _parse_ret(self, state: ProtocolState) -> tuple[Event, int] | None:
-        command = self._urb_command()
-        if command is None:
-            return None
         buf = self._buf
         pos = self._pos
+        if len(buf) - pos < URB_HEADER_SIZE:
+            self._need = URB_HEADER_SIZE
+            return None
+        command = _U32.unpack_from(buf, pos)[0]
         if command == UrbCommand.RET_SUBMIT:
             (_, seqnum, devid, direction, ep, status, actual, start, np, errors) = (
                 RET_SUBMIT_HEADER.unpack_from(buf, pos)
@@ -368,14 +379,18 @@ class _Reader:
                 raise RemoteProtocolError(reason)
             data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
-            partial = False
-            if len(buf) < end:
-                if not self._cut_through or urb.iso or urb.setup is not None:
-                    self._need = end - pos
-                    return None
-                partial = True
-                self.follows = end - len(buf)
-                end = data_end = len(buf)
+            cut = (
+                self._cut_through
+                and urb.direction == Direction.IN
+                and not urb.iso
+                and urb.setup is None
+            )
+            if cut:
+                self.follows = max(0, end - len(buf))
+                end = data_end = min(end, len(buf))
+            elif len(buf) < end:
+                self._need = end - pos
+                return None
             try:
                 event: Event = RetSubmit(
                     seqnum=seqnum,
@@ -384,12 +399,12 @@ class _Reader:
                     start_frame=start,
                     number_of_packets=np,
                     error_count=errors,
-                    data=b"" if partial else _take(buf, pos + URB_HEADER_SIZE, data_end),
+                    data=b"" if cut else _take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if urb.iso else (),
                     devid=devid,
                     direction=direction,
                     ep=ep,
-                    partial=partial,
+                    cut_through=cut,
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc

@@ -216,7 +216,7 @@ class SocketEnd:
         except OSError as exc:
             raise LinkBroken(_describe(exc)) from exc
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         with memoryview(data) as view:
             sent, total = 0, len(view)
             while sent < total:
@@ -286,7 +286,7 @@ class ZstdSocketEnd:
         except CompressionError as exc:
             raise LinkBroken(f"zstd: {exc}") from exc
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         assert self._encoder is not None, "start() first"
         encoded = self._encoder.encode(data)
         if self._on_bytes is not None:

@@ -147,7 +147,7 @@ def cut(
             else:
                 frames.append((pos, pos + size))
                 frame_end = pos + size
-                if isinstance(frame.event, CmdSubmit) and frame.event.partial:
+                if isinstance(frame.event, CmdSubmit) and frame.event.cut_through:
                     frame_end = pos + 48 + frame.event.transfer_buffer_length
                 answer(frame)
             pos += size
