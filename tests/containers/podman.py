@@ -123,3 +123,42 @@ def wait_for(what: str, check: Callable[[], bool], deadline: float = 60) -> None
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}")
         time.sleep(0.2)
+
+
+def decodes_secret_data(podman: Podman, directory: Path) -> bool:
+    """Whether this podman writes a Secret's base64 `data` into its volume decoded (4.3
+    writes the base64 text itself)."""
+    name = f"ugw-secret-probe-{os.getpid()}"
+    manifest = directory / "secret-probe.yaml"
+    manifest.write_text(
+        f"""\
+apiVersion: v1
+kind: Secret
+metadata: {{name: {name}}}
+data: {{probe: aGVsbG8=}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: cat
+      image: {GATEWAY_IMAGE}
+      command: [cat, /probe/probe]
+      volumeMounts: [{{name: probe, mountPath: /probe}}]
+  volumes:
+    - {{name: probe, secret: {{secretName: {name}, optional: false}}}}
+"""
+    )
+    try:
+        podman.run("kube", "play", str(manifest))
+        podman.run("wait", f"{name}-cat")
+        written = podman.out("logs", f"{name}-cat")
+    finally:
+        podman.run("rm", "-f", "-v", f"{name}-cat", check=False)
+        podman.run("kube", "down", str(manifest), check=False)
+        podman.run("secret", "rm", name, check=False)
+        podman.run("volume", "rm", "-f", name, check=False)
+    assert written in ("hello", "aGVsbG8="), written
+    return written == "hello"

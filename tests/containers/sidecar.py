@@ -6,6 +6,7 @@ docstring lists what they leave unchecked and which offline check covers it."""
 
 from __future__ import annotations
 
+import base64
 import copy
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,13 +41,11 @@ def chart_values(name: str, host_port: int, policy: str, images: tuple[str, str]
     }
 
 
-def tls_secret(name: str, files: Mapping[str, Path], *, decodes_data: bool) -> dict[str, Any]:
-    """A kubernetes.io/tls Secret. Podman 4.3 writes a Secret's `data` values into the
-    volume as they are, undecoded: where it does, they are given as plain PEM text."""
-    import base64  # noqa: PLC0415
-
+def tls_secret(name: str, files: Mapping[str, Path], *, encode: bool = True) -> dict[str, Any]:
+    """A kubernetes.io/tls Secret; `encode=False`: its data as plain text (see
+    test_sidecar_pod.create_secret for the podman that needs it)."""
     data = {
-        key: base64.b64encode(path.read_bytes()).decode() if decodes_data else path.read_text()
+        key: base64.b64encode(path.read_bytes()).decode() if encode else path.read_text()
         for key, path in files.items()
     }
     return {
@@ -93,6 +92,11 @@ def sidecar_pod(values: Mapping[str, Any], gateway_image: str) -> list[dict[str,
         # not; the test fetches /healthz and /readyz from the host as the kubelet does.
         container.pop("livenessProbe", None)
         container.pop("readinessProbe", None)
+        # Podman 4.3 publishes a containerPort without hostPort on the host's same port
+        # (Kubernetes publishes nothing): the metrics port is reached at the pod's address.
+        ports = [p for p in container.get("ports", []) if p.get("hostPort")]
+        if "ports" in container:
+            container["ports"] = ports
     volumes = []
     for volume in spec["volumes"]:
         if volume["name"] == "dev":

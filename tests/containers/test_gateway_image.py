@@ -106,7 +106,7 @@ def start_server(
 
     yield start
     for name in names:
-        podman.run("rm", "-f", "--time=0", name, check=False)
+        podman.run("rm", "-f", "-v", "--time=0", name, check=False)
 
 
 def listening(podman: Podman, name: str, port: int) -> bool:
