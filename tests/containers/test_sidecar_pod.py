@@ -38,6 +38,7 @@ What `podman kube play` (4.3) cannot express, and what checks it instead:
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -145,6 +146,19 @@ def pod_ip(podman: Podman, name: str) -> str:
     addresses = [n["IPAddress"] for n in networks.values() if n.get("IPAddress")]
     assert addresses, f"pod {name} has no address: {networks}"
     return str(addresses[0])
+
+
+def guard_drops(podman: Podman, pod: SidecarPod) -> int:
+    """Packets the usbipd-guard rule dropped, read with nft in the pod's network namespace
+    (the usbipd image, CAP_NET_ADMIN: what the init container had)."""
+    listing = podman.out(
+        "run", "--rm", f"--pod={pod.pod_name}", "--cap-drop=all",
+        "--cap-add=NET_ADMIN", "--entrypoint=nft", pod.images[1],
+        "list", "chain", "inet", "usbipd_guard", "input",
+    )  # fmt: skip
+    match = re.search(rf"tcp dport {USBIPD_PORT} counter packets (\d+)", listing)
+    assert match, listing
+    return int(match.group(1))
 
 
 def started_at(podman: Podman, container: str) -> str:
@@ -273,8 +287,10 @@ def test_usbipd_port_is_not_reachable_from_outside_the_pod(podman: Podman, pod: 
         pass
     # usbipd (the simulator) listens on every address of the pod, as usbipd does; the
     # guard's rule drops what does not come over loopback: no answer, not even a refusal.
+    dropped = guard_drops(podman, pod)
     with pytest.raises(TimeoutError), socket.create_connection((pod.ip, USBIPD_PORT), timeout=3):
         pass
+    assert guard_drops(podman, pod) > dropped
     # Published on the host: the gateway's hostPort only.
     published = podman.out(
         "pod", "inspect", "--format={{json .InfraConfig.PortBindings}}", pod.pod_name
