@@ -9,6 +9,7 @@ is not there."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,3 +137,21 @@ def test_healthcheck_passes_when_serving_and_fails_without_metrics(
     # Both gateways are up: only the endpoint the HEALTHCHECK asks made the difference.
     states = [podman.out("inspect", "--format={{.State.Running}}", n) for n in (serving, silent)]
     assert states == ["true", "true"]
+
+
+def test_simulator_as_pid_1_stops_on_sigterm(podman: Podman, gateway_image: str) -> None:
+    # The pod test runs the simulator as its container's PID 1, where SIGTERM has no
+    # default action: without its own handler `podman stop` would wait, then SIGKILL.
+    name = f"ugw-sim-{uuid.uuid4().hex[:10]}"
+    try:
+        podman.run(
+            "run", "-d", f"--name={name}", "--network=none", *LOCKED_DOWN, gateway_image,
+            "sim", "--listen", "127.0.0.1:3241",
+        )  # fmt: skip
+        wait_for("the simulator listening", lambda: listening(podman, name, 3241))
+        started = time.monotonic()
+        podman.run("stop", "--time=30", name)
+        assert time.monotonic() - started < 10
+        assert podman.out("inspect", "--format={{.State.ExitCode}}", name) == "0"
+    finally:
+        podman.run("rm", "-f", "-v", "--time=0", name, check=False)
