@@ -3,6 +3,7 @@ the two images built once, and free host ports."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -17,8 +18,8 @@ from tests.deploy.helpers import CONTAINER, ROOT
 
 HERE = Path(__file__).resolve().parent
 BASE_IMAGE = "localhost/usbip-gateway-ci-base:bookworm"
-GATEWAY_IMAGE = "localhost/usbip-gateway:ci"
-USBIPD_IMAGE = "localhost/usbip-gateway-usbipd:ci"
+GATEWAY_REPOSITORY = "localhost/usbip-gateway"
+USBIPD_REPOSITORY = "localhost/usbip-gateway-usbipd"
 INSTALL = "apt-get install podman runc catatonit containernetworking-plugins iptables debootstrap"
 
 # crun refuses this host kind's hybrid cgroups and podman's default ulimits; runc with
@@ -102,10 +103,24 @@ def build(podman: Podman, containerfile: Path, context: Path, tag: str, base: st
     return tag
 
 
+def source_tag() -> str:
+    """A tag from what the images are built of, so that test runs of different trees on
+    one machine (run at the same time) never use each other's images."""
+    digest = hashlib.sha256()
+    files = [ROOT / "pyproject.toml", ROOT / "README.md", *sorted(CONTAINER.iterdir())]
+    files += sorted((ROOT / "gateway").rglob("*.py")) + sorted(HERE.glob("*Containerfile"))
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return "ci-" + digest.hexdigest()[:12]
+
+
 def build_images(podman: Podman) -> tuple[str, str]:
     base = base_image(podman)
-    gateway = build(podman, CONTAINER / "Containerfile", ROOT, GATEWAY_IMAGE, base)
-    usbipd = build(podman, CONTAINER / "usbipd.Containerfile", CONTAINER, USBIPD_IMAGE, base)
+    tag = source_tag()
+    gateway = build(podman, CONTAINER / "Containerfile", ROOT, f"{GATEWAY_REPOSITORY}:{tag}", base)
+    usbipd = build(
+        podman, CONTAINER / "usbipd.Containerfile", CONTAINER, f"{USBIPD_REPOSITORY}:{tag}", base
+    )
     return gateway, usbipd
 
 
@@ -125,7 +140,7 @@ def wait_for(what: str, check: Callable[[], bool], deadline: float = 60) -> None
         time.sleep(0.2)
 
 
-def decodes_secret_data(podman: Podman, directory: Path) -> bool:
+def decodes_secret_data(podman: Podman, directory: Path, image: str) -> bool:
     """Whether this podman writes a Secret's base64 `data` into its volume decoded (4.3
     writes the base64 text itself)."""
     name = f"ugw-secret-probe-{os.getpid()}"
@@ -144,7 +159,7 @@ spec:
   restartPolicy: Never
   containers:
     - name: cat
-      image: {GATEWAY_IMAGE}
+      image: {image}
       command: [cat, /probe/probe]
       volumeMounts: [{{name: probe, mountPath: /probe}}]
   volumes:

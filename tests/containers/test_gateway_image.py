@@ -20,6 +20,8 @@ from tests.pkitools import PKI
 
 from .podman import Podman, wait_for
 
+pytestmark = pytest.mark.containers
+
 # What the chart's securityContext and docs/deployment.md ask of the gateway container.
 LOCKED_DOWN = (
     "--read-only",

@@ -26,10 +26,9 @@ What `podman kube play` (4.3) cannot express, and what checks it instead:
   port of the same number; dropped, the metrics port is reached at the pod's address.
 - restartPolicy: podman 4.3 restarts init containers under Always; the Pod uses OnFailure.
 - Secret defaultMode 0440 with fsGroup 10001: podman writes secret and ConfigMap files
-  0644 root-owned and ignores fsGroup; the modes are checked offline by test_helm.py.
+  0644 root-owned and ignores fsGroup; test_helm.py checks the rendered defaultMode.
 - ServiceAccount, Services, the optional ServiceMonitor/PrometheusRule/Certificate: no
-  podman equivalent; schema-checked by test_helm.py (and tests/deploy/test_prometheus*
-  style checks where they exist).
+  podman equivalent; rendered and schema-checked by test_helm.py.
 - ConfigMap update: the kubelet swaps the mounted files in place; podman rewrites the
   files of the ConfigMap's volume when the manifest is played again (and then refuses to
   make the existing pod again, which leaves it running: see `replay`).
@@ -64,6 +63,8 @@ from .conftest import timed
 from .podman import Podman, decodes_secret_data, free_port, wait_for
 from .sidecar import GATEWAY_PORT, METRICS_PORT, USBIPD_PORT, dump, sidecar_pod, tls_secret
 from .sidecar import chart_values as values_for
+
+pytestmark = pytest.mark.containers
 
 POLICY = 'allow client-cn "test-client"\ndefault reject\n'
 NARROWED = 'allow client-cn "test-client" busid "1-2"\ndefault reject\n'
@@ -109,7 +110,7 @@ def create_secret(podman: Podman, pod: SidecarPod) -> None:
         "ca.crt": pod.pki.ca_pem,
     }
     path = pod.directory / "secret.yaml"
-    decodes = decodes_secret_data(podman, pod.directory)
+    decodes = decodes_secret_data(podman, pod.directory, pod.images[0])
     path.write_text(dump([tls_secret(f"{pod.name}-tls", files, encode=decodes)]))
     if decodes:
         podman.run("kube", "play", str(path))

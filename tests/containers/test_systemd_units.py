@@ -13,9 +13,9 @@ What differs from a real host, and why:
   gateway's unit fails with "Failed to set up mount namespacing: Operation not supported"
   (status=226/NAMESPACE). The capability is the container's, the machine's; the gateway's
   process is checked to have none.
-- IPAddressDeny=/IPAddressAllow= (usbipd.service) need cgroup v2 with BPF; this host has
-  cgroup v1, where systemd ignores them. The pod test's guard and the unit file checks in
-  tests/deploy/test_systemd.py cover keeping usbipd to loopback.
+- IPAddressDeny=/IPAddressAllow= (usbipd.service) need cgroup v2 with BPF; on a cgroup v1
+  host (this kind of machine is one) systemd ignores them. The pod test's guard and the
+  unit file checks in tests/deploy/test_systemd.py cover keeping usbipd to loopback.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from tests.deploy.helpers import DEPLOY
 from tests.pkitools import PKI
 
 from .conftest import timed
-from .podman import HERE, Podman, build, free_port, wait_for
+from .podman import HERE, Podman, build, free_port, source_tag, wait_for
+
+pytestmark = pytest.mark.containers
 
 SERVER_TOML = """\
 [server]
@@ -78,7 +80,7 @@ def machine(
         podman,
         HERE / "systemd.Containerfile",
         DEPLOY,
-        "localhost/usbip-gateway-systemd:ci",
+        f"localhost/usbip-gateway-systemd:{source_tag()}",
         gateway_image,
     )
     machine = Machine(f"ugw-systemd-{uuid.uuid4().hex[:8]}", free_port(), podman)
