@@ -313,16 +313,17 @@ async def test_changed_policy_configmap_is_applied_without_restart(
     podman: Podman, pod: SidecarPod, client: Address
 ) -> None:
     gateway = pod.container("gateway")
-    before = started_at(podman, gateway)
+    # podman is run in a thread: the client gateway shares this test's Trio loop.
+    before = await trio.to_thread.run_sync(started_at, podman, gateway)
     assert await busids(client) == ALL_DEVICES
-    replay(podman, pod, NARROWED)
+    await trio.to_thread.run_sync(replay, podman, pod, NARROWED)
     try:
         with trio.fail_after(30):
             while await busids(client) != ["1-2"]:
                 await trio.sleep(0.2)
     finally:
-        replay(podman, pod, POLICY)
-    assert started_at(podman, gateway) == before
+        await trio.to_thread.run_sync(replay, podman, pod, POLICY)
+    assert await trio.to_thread.run_sync(started_at, podman, gateway) == before
     with trio.fail_after(30):
         while await busids(client) != ALL_DEVICES:
             await trio.sleep(0.2)
