@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.config.address import is_loopback
+from gateway.config.environment import environment_overrides
 from gateway.config.errors import ConfigError
 from gateway.config.schema import ROLES, Declared, declared_keys, tables
 from gateway.config.settings import ClientConfig, GatewayRole, ServerConfig
@@ -59,7 +61,30 @@ def _config(role: GatewayRole, data: Mapping[str, Any], base: Path) -> ServerCon
     _no_unknown(data, set(known), "")
     result = config(**values)
     assert isinstance(result, ServerConfig | ClientConfig)
+    if isinstance(result, ServerConfig):
+        _not_itself(result)
     return result
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def _not_itself(config: ServerConfig) -> None:
+    """Refuse an upstream that is one of the gateway's own listen addresses (the default
+    upstream and the default listen port are both 3240): it would proxy to itself."""
+    upstream = config.upstream
+    for listen in config.listen:
+        same_host = listen.host == upstream.host or (
+            _wildcard(listen.host) and (is_loopback(upstream.host) or _wildcard(upstream.host))
+        )
+        if listen.port == upstream.port and listen.port != 0 and same_host:
+            raise ConfigError(
+                "server.upstream",
+                f"{upstream} is this gateway's own listen address {listen}: it would "
+                "connect to itself. Run usbipd on another port (`usbipd --tcp-port 3241`) "
+                'and set upstream = "127.0.0.1:3241" (--upstream 127.0.0.1:3241)',
+            )
 
 
 def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConfig:
@@ -103,9 +128,16 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 def load(
-    role: GatewayRole, path: Path | None, overrides: Mapping[str, Any]
+    role: GatewayRole,
+    path: Path | None,
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
 ) -> ServerConfig | ClientConfig:
-    """Read `path` (optional), overlay the command-line `overrides`, validate."""
-    data = merge(read_toml(path), overrides)
+    """Read `path` (optional), overlay the `USBIP_GATEWAY_*` variables of `environ`, then
+    the command-line `overrides`, and validate."""
+    data = read_toml(path)
+    if environ is not None:
+        data = merge(data, environment_overrides(role, environ))
+    data = merge(data, overrides)
     base = path.parent if path is not None else Path(os.getcwd())
     return _config(role, data, base)

@@ -41,6 +41,7 @@ TLSVersion = Literal["1.2", "1.3"]
 Algorithm = Literal["none", "zstd"]
 BindMethod = Literal["command", "sysfs"]
 METRICS_PORT = 9240
+USBIPD_PORT = 3241  # usbipd behind the server gateway, which has the usual 3240
 MiB = 1024 * 1024
 
 
@@ -359,10 +360,12 @@ class ServerConfig(GatewayConfig):
         "where to listen; `[::1]:3240` for IPv6",
         flag=Flag("--listen", help="address to listen on (repeatable)", repeat=True),
     )
+    # Not usbipd's own default port: that is where this gateway listens.
     upstream: Address = setting(
-        Address("127.0.0.1", DEFAULT_PORT),
+        Address("127.0.0.1", USBIPD_PORT),
         HostPort(DEFAULT_PORT),
-        "the kernel's usbipd",
+        "the kernel's usbipd, started with `usbipd --tcp-port 3241`; "
+        "one of this gateway's own listen addresses is refused",
         flag=Flag("--upstream"),
     )
     request_timeout: float = setting(
