@@ -18,6 +18,7 @@ from gateway.commands import (
     Command,
     CommandParser,
     command_named,
+    leaves,
     log_options,
 )
 
@@ -141,13 +142,6 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
             print(f"usbip-gateway {args.command}: {problem}", file=sys.stderr)
         listening = all(isinstance(problem, ListenError) for problem in problems)
         return EXIT_UNAVAILABLE if listening else EXIT_FAILURE
-
-
-def leaves(group: BaseException) -> list[BaseException]:
-    """The exceptions inside a (nested) exception group, in order."""
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for exc in group.exceptions for leaf in leaves(exc)]
-    return [group]
 
 
 def _add_gateway_parser(subparsers: Any, role: str) -> argparse.ArgumentParser:

@@ -111,3 +111,10 @@ def log_options(args: argparse.Namespace) -> tuple[str, str]:
     level = getattr(args, "log_level", None) or "info"
     fmt = getattr(args, "log_format", None) or "text"
     return level, fmt
+
+
+def leaves(problem: BaseException) -> list[BaseException]:
+    """The exceptions inside a (nested) exception group, in order; else the one given."""
+    if isinstance(problem, BaseExceptionGroup):
+        return [leaf for exc in problem.exceptions for leaf in leaves(exc)]
+    return [problem]
