@@ -63,6 +63,13 @@ def _config(role: GatewayRole, data: Mapping[str, Any], base: Path) -> ServerCon
     assert isinstance(result, ServerConfig | ClientConfig)
     if isinstance(result, ServerConfig):
         _not_itself(result)
+        policy = result.policy
+        if policy.file is not None and (policy.allow_cn or policy.allow_uri or policy.allow_dns):
+            raise ConfigError(
+                "policy.file",
+                "give a policy file or --allow-cn/--allow-uri/--allow-dns, not both "
+                "(write the shorthands as rules in the file)",
+            )
     return result
 
 

@@ -103,6 +103,46 @@ class PolicySettings:
         flag=Flag("--policy"),
         default_text="none: every client allowed",
     )
+    # ghostunnel's shorthands: the same policy as the one-line rule file
+    # `allow client-cn one-of { ... }` (docs/policy.md).
+    allow_cn: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients whose certificate's common name is one of these",
+        flag=Flag(
+            "--allow-cn",
+            repeat=True,
+            metavar="NAME",
+            help="allow clients whose certificate's CN is NAME, instead of a policy file "
+            "(repeatable; docs/policy.md)",
+        ),
+        default_text="none",
+    )
+    allow_uri: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients with one of these SAN URIs (e.g. SPIFFE IDs)",
+        flag=Flag(
+            "--allow-uri",
+            repeat=True,
+            metavar="URI",
+            help="allow clients with the SAN URI URI (e.g. a SPIFFE ID), instead of a "
+            "policy file (repeatable)",
+        ),
+        default_text="none",
+    )
+    allow_dns: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients with one of these SAN DNS names",
+        flag=Flag(
+            "--allow-dns",
+            repeat=True,
+            metavar="NAME",
+            help="allow clients with the SAN DNS name NAME, instead of a policy file (repeatable)",
+        ),
+        default_text="none",
+    )
     watch: bool = setting(True, Boolean(), "reload when the file changes, as well as on SIGHUP")
     watch_interval: float = setting(2.0, Seconds(), "how often the file is looked at")
     revoke_on_reload: bool = setting(True, Boolean(), "close attached sessions a reload denies")

@@ -17,7 +17,7 @@ from gateway.transport.identity import PeerIdentity
 
 from .conditions import Target
 from .engine import Policy
-from .errors import PolicyError
+from .errors import PolicyError, PolicyErrors
 from .facts import ClientFacts, DeviceFacts
 from .parser import parse_device_spec
 from .text import quote
@@ -87,6 +87,10 @@ def _load(path: Path) -> Policy | int:
     """The policy in `path`, or the exit status once why it could not be had is printed."""
     try:
         return Policy.parse(path.read_text(encoding="utf-8"), source=str(path))
+    except PolicyErrors as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return _fail(f"{path}: {len(exc.errors)} errors")
     except PolicyError as exc:
         return _fail(str(exc))
     except (OSError, UnicodeDecodeError) as exc:
