@@ -184,7 +184,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "status": Command(
         "a table of a gateway's sessions, from its /status endpoint",
-        "gateway.observability.status_table:add_status_parser",
+        "gateway.status:add_status_parser",
     ),
     "demo": Command(
         "simulator + server gateway + client gateway on this machine, self-checked",

@@ -31,16 +31,21 @@ class Gateway(Generic[Config]):
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await self._open_listeners()
-        async with trio.open_nursery() as nursery:
-            await self._start_services(nursery)
-            await start_http(nursery, self.metrics)
-            if self.config.tls.watch:
-                nursery.start_soon(watch_tls, self.tls, self.config.tls)
-            await nursery.start(self.acceptor.run, listeners)
-            self.metrics.listening = True
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._start_services(nursery)
+                await start_http(nursery, self.metrics)
+                if self.config.tls.watch:
+                    nursery.start_soon(watch_tls, self.tls, self.config.tls)
+                await nursery.start(self.acceptor.run, listeners)
+                self.metrics.listening = True
+                for listener in listeners:
+                    self.log.info("listening on %s", self._describe(listener))
+                task_status.started(listeners)
+        finally:
+            # Also when something beside them failed to start (a metrics port in use).
             for listener in listeners:
-                self.log.info("listening on %s", self._describe(listener))
-            task_status.started(listeners)
+                await trio.aclose_forcefully(listener)
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, let open sessions end (up to the shutdown timeout), then what

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +28,8 @@ class StatusError(Exception):
 
 def fetch_status(address: str, timeout: float = TIMEOUT) -> dict[str, Any]:
     """The /status document of the gateway whose HTTP endpoint is at HOST:PORT."""
+    import urllib.request  # noqa: PLC0415 - it imports ssl: not for `status --help`
+
     url = f"http://{address}/status"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
