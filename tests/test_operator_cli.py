@@ -150,6 +150,14 @@ def test_an_upstream_that_is_its_own_listen_address_is_refused(
     assert "own listen address [::1]:5000" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("server", ["127.0.0.1", "localhost:3240"])
+def test_a_client_whose_server_is_itself_is_refused(
+    pki: PKI, server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["client", "--server", server, *_tls(pki, "client")]) == 2
+    assert "is this gateway's own listen address 127.0.0.1:3240" in capsys.readouterr().err
+
+
 def test_the_usual_pair_is_the_default(pki: PKI) -> None:
     args = build_parser().parse_args(["server", *_tls(pki)])
     config = load("server", None, _overrides("server", args))
