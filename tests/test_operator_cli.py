@@ -4,6 +4,7 @@ line (`main`) or the real process (`python -m gateway`)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -91,6 +92,18 @@ def test_a_metrics_port_in_use_is_one_line_and_status_3(
     assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in (
         capsys.readouterr().err
     )
+
+
+def test_a_later_listen_address_in_use_closes_the_earlier_ones(
+    pki: PKI, taken_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for role in ("server", "client"):
+        argv = [role, "--listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{taken_port}"]
+        if role == "client":
+            argv += ["--server", "gw.example.org"]
+        assert main([*argv, *_tls(pki, role)]) == 3
+        assert f"cannot listen on 127.0.0.1:{taken_port}" in capsys.readouterr().err
+    gc.collect()  # a listener left open would be reported (an error under pytest) here
 
 
 def test_ctrl_c_ends_the_demo_with_0_and_removes_its_directory() -> None:

@@ -36,6 +36,7 @@ from gateway.transport.identity import IdentityRefused
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
+    close_listeners,
     open_tcp,
     open_tcp_listeners,
     transport_name,
@@ -89,7 +90,11 @@ class ClientGateway(Gateway[ClientConfig]):
                     "devices with this gateway's identity",
                     address,
                 )
-            listeners.extend(await open_tcp_listeners(address.host, address.port))
+            try:
+                listeners.extend(await open_tcp_listeners(address.host, address.port))
+            except BaseException:
+                await close_listeners(listeners)  # those of the addresses before
+                raise
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:

@@ -14,7 +14,7 @@ from gateway.edges.acceptor import Acceptor
 from gateway.edges.reloading import watch_tls
 from gateway.observability.http import start_http
 from gateway.observability.metrics import GatewayMetrics
-from gateway.transport.sockets import TunedListener
+from gateway.transport.sockets import TunedListener, close_listeners
 from gateway.transport.tls import ReloadableContext
 
 Config = TypeVar("Config", bound=GatewayConfig)
@@ -44,8 +44,7 @@ class Gateway(Generic[Config]):
                 task_status.started(listeners)
         finally:
             # Also when something beside them failed to start (a metrics port in use).
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            await close_listeners(listeners)
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, let open sessions end (up to the shutdown timeout), then what

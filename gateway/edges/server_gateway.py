@@ -49,6 +49,7 @@ from gateway.transport.identity import IdentityRefused, PeerIdentity, client_ide
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
+    close_listeners,
     open_tcp,
     open_tcp_listeners,
     transport_name,
@@ -145,12 +146,16 @@ class ServerGateway(Gateway[ServerConfig]):
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
-        for address in self.config.listen:
-            listeners.extend(
-                await open_tcp_listeners(
-                    address.host, address.port, mptcp=self.config.transport.mptcp
+        try:
+            for address in self.config.listen:
+                listeners.extend(
+                    await open_tcp_listeners(
+                        address.host, address.port, mptcp=self.config.transport.mptcp
+                    )
                 )
-            )
+        except BaseException:
+            await close_listeners(listeners)  # those of the addresses before
+            raise
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:

@@ -76,6 +76,11 @@ class ListenError(OSError):
         return str(self.strerror)
 
 
+async def close_listeners(listeners: list[TunedListener]) -> None:
+    for listener in listeners:
+        await trio.aclose_forcefully(listener)
+
+
 def listen_address(host: str | None, port: int) -> str:
     """HOST:PORT as the configuration writes it (all interfaces: `*`)."""
     if host is None or host == "":
