@@ -10,10 +10,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway.commands import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+
 DEFAULT_METRICS = "127.0.0.1:9240"
 TIMEOUT = 5.0
-EXIT_UNREACHABLE = 3  # as the command line's EXIT_UNAVAILABLE
-EXIT_BAD_ANSWER = 1
 
 COLUMNS = ("ID", "IDENTITY", "DEVICE", "BYTES IN", "BYTES OUT", "IN FLIGHT", "P50", "P99")
 
@@ -116,12 +116,12 @@ def run_status(args: argparse.Namespace) -> int:
         document = fetch_status(args.metrics, args.timeout)
     except StatusError as exc:
         print(f"usbip-gateway status: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE if exc.unreachable else EXIT_BAD_ANSWER
+        return EXIT_UNAVAILABLE if exc.unreachable else EXIT_FAILURE
     if args.json:
         print(json.dumps(document, indent=1))
     else:
         sys.stdout.write(render(document))
-    return 0
+    return EXIT_OK
 
 
 def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:

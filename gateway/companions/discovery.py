@@ -205,7 +205,11 @@ async def browse(seconds: float = 3.0, interfaces: Sequence[str] = ()) -> list[F
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
-    found = trio.run(browse, args.timeout, tuple(args.interface or ()))
+    try:
+        found = trio.run(browse, args.timeout, tuple(args.interface or ()))
+    except OSError as exc:  # no multicast-capable interface, an address not this host's
+        print(f"usbip-gateway discover: cannot browse with mDNS: {exc}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps([asdict(f) | {"address": str(f.address)} for f in found], indent=1))
     else:
