@@ -63,7 +63,8 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="publish the devices' strings and endpoint layout here in sysfs's "
-        "layout (DIR/BUSID/serial ...), for a server gateway's policy.sysfs",
+        "layout (DIR/BUSID/serial ...), for a server gateway's policy.sysfs "
+        "(default: not published)",
     )
     parser.set_defaults(func=run_sim)
     return parser
