@@ -24,6 +24,7 @@ import trio
 
 from gateway.config import Address
 from gateway.transport.names import local_address, peer_name
+from gateway.transport.sockets import ListenError
 
 from .connections import ConnectionTable, Slot
 from .endpoints import TEXT, respond
@@ -318,7 +319,10 @@ async def serve_http(
     answers every request instead (`what` names it in the log) and the address is not
     added to `metrics.http_addresses`."""
     limits = limits or HttpLimits(idle_timeout=metrics.settings.idle_timeout)
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as exc:
+        raise ListenError(str(address), exc) from exc
     for listener in listeners:
         bound = local_address(listener)
         if app is None:
