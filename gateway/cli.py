@@ -39,7 +39,8 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def reload(gateway: ServerGateway | ClientGateway) -> None:
     """What SIGHUP does: certificates and CA for new connections, and the policy."""
-    reload_tls(gateway.tls)
+    for tls in gateway.tls_contexts():
+        reload_tls(tls)
     if isinstance(gateway, ServerGateway):
         gateway.reload_policy()
 

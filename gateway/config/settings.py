@@ -23,6 +23,7 @@ from gateway.config.keys import (
     HostPorts,
     Integer,
     Key,
+    NamedHostPorts,
     Rules,
     Seconds,
     Strings,
@@ -306,6 +307,71 @@ class AgentSettings:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReverseDialSettings:
+    """`[reverse]`, server: dial out to client gateways instead of waiting for them, for a
+    device host no one can reach (docs/reverse-connections.md)."""
+
+    dial: tuple[Address, ...] = setting(
+        (),
+        HostPorts(DEFAULT_PORT),
+        "client gateways' dial-in listeners to keep connections open to",
+        flag=Flag("--dial", help="a client gateway to dial out to (repeatable)", repeat=True),
+        default_text="none (no reverse connections)",
+    )
+    name: str = setting(
+        "",
+        Text(),
+        "name the client gateways' certificates must carry",
+        flag=Flag("--dial-name", metavar="NAME"),
+        default_text="each one's host",
+    )
+    pool: int = setting(2, Integer(maximum=64), "idle connections kept ready per client gateway")
+    keepalive: float = setting(
+        10.0,
+        Seconds(),
+        "an idle connection is pinged after this long; one that does not answer within "
+        "as long again is replaced",
+    )
+    backoff_max: float = setting(30.0, Seconds(), "the longest wait between failed dials")
+    also_listen: bool = setting(
+        False, Boolean(), "accept connections on `listen` too (otherwise it does not listen)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseAcceptSettings:
+    """`[reverse]`, client: server gateways that dial in (docs/reverse-connections.md)."""
+
+    listen: Address | None = setting(
+        None,
+        HostPort(DEFAULT_PORT),
+        "mutual-TLS listener for server gateways dialing in",
+        flag=Flag("--reverse-listen"),
+        default_text="none (no dial-ins)",
+    )
+    servers: tuple[tuple[str, Address], ...] = setting(
+        (),
+        NamedHostPorts(DEFAULT_PORT),
+        "server gateways accepted, each by a name its certificate carries (SAN DNS or URI), "
+        "and the local plain USB/IP address that reaches it",
+        flag=Flag(
+            "--reverse-server",
+            help="NAME=HOST:PORT: accept dial-ins from NAME, serve them on HOST:PORT (repeatable)",
+            repeat=True,
+            metavar="NAME=HOST:PORT",
+        ),
+    )
+    pool_max: int = setting(
+        8, Integer(maximum=1024), "idle dial-ins held per server; more are refused"
+    )
+    claim_timeout: float = setting(
+        3.0,
+        Seconds(),
+        "how long a local connection waits for a dialed-in connection that answers",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """What both roles have; the keys here are in each role's own table."""
@@ -372,6 +438,7 @@ class ServerConfig(GatewayConfig):
     audit: AuditSettings = field(default_factory=AuditSettings)
     exporter: ExporterSettings = field(default_factory=ExporterSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    reverse: ReverseDialSettings = field(default_factory=ReverseDialSettings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -404,3 +471,4 @@ class ClientConfig(GatewayConfig):
         "this long is closed",
     )
     agent: AgentSettings = field(default_factory=AgentSettings)
+    reverse: ReverseAcceptSettings = field(default_factory=ReverseAcceptSettings)
