@@ -13,16 +13,17 @@ import trio
 
 from gateway.accounting.outcome import Outcome, OutcomeKind
 from gateway.accounting.session import Session
-from gateway.config import ClientConfig, is_loopback
+from gateway.config import Address, ClientConfig, is_loopback
 from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.gateway import Gateway
+from gateway.edges.reverse_pool import DialIns, ServerPool
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import Splice
 from gateway.relay.budget import BufferBudget
 from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.identity import IdentityRefused
-from gateway.transport.names import local_name, peer_name
+from gateway.transport.names import local_address, local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
     open_tcp,
@@ -65,9 +66,48 @@ class ClientGateway(Gateway[ClientConfig]):
             max_handshakes=config.resources.max_handshakes,
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
+        # Reverse mode: server gateways that dial in, each served on its own local port.
+        self.dial_ins: DialIns | None = None
+        if config.reverse.listen is not None and config.reverse.servers:
+            alpn = alpn_protocols(config.compression.enabled)
+            self.dial_ins = DialIns(config, self.metrics, alpn)
+        elif config.reverse.listen is not None or config.reverse.servers:
+            log.warning("reverse mode needs both reverse.listen and reverse.servers: off")
+        self._by_port: dict[int, ServerPool] = {}
+        self.reverse_addresses: dict[str, Address] = {}
+        self.dial_in_addresses: list[Address] = []
+
+    def tls_contexts(self) -> list[ReloadableContext]:
+        return [self.tls] + ([self.dial_ins.tls] if self.dial_ins else [])
+
+    async def _start_services(self, nursery: trio.Nursery) -> None:
+        if self.dial_ins is None:
+            return
+        address = self.config.reverse.listen
+        assert address is not None
+        listeners = await open_tcp_listeners(
+            address.host, address.port, mptcp=self.config.transport.mptcp
+        )
+        self.dial_in_addresses = [local_address(listener) for listener in listeners]
+        await nursery.start(self.dial_ins.run, listeners)
+        for where in self.dial_in_addresses:
+            log.info("listening on %s (mutual TLS) for server gateways dialing in", where)
+
+    async def _after_drain(self) -> None:
+        if self.dial_ins is not None:
+            await self.dial_ins.acceptor.drain(0)  # idle pooled connections: closed at once
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
+        for pool in self.dial_ins.pools.values() if self.dial_ins else ():
+            opened = await open_tcp_listeners(pool.local.host, pool.local.port)
+            for listener in opened:
+                bound = local_address(listener)
+                if bound.port in self._by_port:
+                    raise OSError(f"reverse.servers: port {bound.port} given twice")
+                self._by_port[bound.port] = pool
+                self.reverse_addresses.setdefault(pool.name, bound)
+            listeners.extend(opened)
         for address in self.config.listen:
             if not is_loopback(address.host):
                 # Plain USB/IP has no authentication: say so loudly when exposed.
@@ -80,6 +120,12 @@ class ClientGateway(Gateway[ClientConfig]):
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:
+        pool = self._by_port.get(local_address(listener).port)
+        if pool is not None:
+            return (
+                f"{local_name(listener)} (plain USB/IP), server gateway {pool.name} "
+                "(it dials in: reverse mode)"
+            )
         return (
             f"{local_name(listener)} (plain USB/IP), server gateway {self.config.server} "
             f"(TLS name {self.config.server_name})"
@@ -117,11 +163,16 @@ class ClientGateway(Gateway[ClientConfig]):
         if not slot.promote():
             return
         session = Session("client", "", peer_name(stream), time.time())
+        pool = self._pool_of(stream)
         self.sessions[session.id] = session
         self.metrics.session_started(session)
         try:
             try:
-                server_link = await self.connect()
+                if pool is None:
+                    server_link = await self.connect()
+                else:
+                    session.dialer = "server"
+                    server_link = await self._take(pool)
             except HandshakeFailed as exc:
                 session.outcome = Outcome(
                     OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
@@ -133,6 +184,10 @@ class ClientGateway(Gateway[ClientConfig]):
                     OutcomeKind.UPSTREAM_UNREACHABLE,
                     f"server gateway {self.config.server} unreachable: {exc or 'timeout'}",
                 )
+                await trio.aclose_forcefully(stream)
+                return
+            except NoDialIn as exc:
+                session.outcome = Outcome(OutcomeKind.UPSTREAM_UNREACHABLE, str(exc))
                 await trio.aclose_forcefully(stream)
                 return
             try:
@@ -152,9 +207,10 @@ class ClientGateway(Gateway[ClientConfig]):
             )
             session.compression = "none" if link is server_link else "zstd"
             log.debug(
-                "session %d to %s: %s, compression %s",
+                "session %d to %s (connection dialed by the %s gateway): %s, compression %s",
                 session.id,
                 session.peer,
+                session.dialer,
                 session.transport,
                 session.compression,
             )
@@ -171,3 +227,28 @@ class ClientGateway(Gateway[ClientConfig]):
             del self.sessions[session.id]
             self.metrics.session_ended(session)
             log_session_end(log, session)
+
+    def _pool_of(self, stream: trio.SocketStream) -> ServerPool | None:
+        """The reverse server whose local port `stream` came in on (None: forward)."""
+        if not self._by_port:
+            return None
+        try:
+            port = stream.socket.getsockname()[1]
+        except OSError:
+            return None
+        return self._by_port.get(port)
+
+    async def _take(self, pool: ServerPool) -> TlsStream:
+        timeout = self.config.reverse.claim_timeout
+        link = await pool.take(timeout)
+        if link is None:
+            self.metrics.upstream_connect_failed()
+            raise NoDialIn(
+                f"server gateway {pool.name}: no dialed-in connection answered within {timeout:g}s"
+            )
+        self.metrics.upstream_connected()
+        return link
+
+
+class NoDialIn(Exception):
+    """No connection of a reverse-mode server gateway was there to take."""

@@ -98,6 +98,7 @@ class Dialer:
         self.idle = 0
         self.sessions_started = 0
         self.last_error = ""
+        self._last_result: DialResult | None = None
 
     def status(self) -> dict[str, object]:
         return {
@@ -195,11 +196,14 @@ class Dialer:
             self._failed("identity_refused", "the client gateway's certificate is no identity")
             return None
         self.reverse_metrics.dialed(self.peer, "connected")
+        self._last_result = None
         log.debug("dialed the client gateway %s at %s: %s", identity, self.target, transport)
         return Link(stream, identity, address, transport)
 
     def _failed(self, result: DialResult, why: str) -> None:
         self.reverse_metrics.dialed(self.peer, result)
-        if why != self.last_error:  # a peer that stays down is reported once, not per try
-            log.warning("reverse mode: dialing the client gateway at %s: %s", self.target, why)
+        # A peer that stays down is reported once per kind of failure, not per try.
+        level = logging.DEBUG if result == self._last_result else logging.WARNING
+        log.log(level, "reverse mode: dialing the client gateway at %s: %s", self.target, why)
         self.last_error = why
+        self._last_result = result
