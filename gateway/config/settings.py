@@ -370,6 +370,12 @@ class ReverseAcceptSettings:
         Seconds(),
         "how long a local connection waits for a dialed-in connection that answers",
     )
+    keepalive: float = setting(
+        10.0,
+        Seconds(),
+        "an idle dialed-in connection is pinged after this long; one that does not answer "
+        "within as long again is dropped",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

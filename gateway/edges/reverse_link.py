@@ -2,13 +2,13 @@
 pool, and the hand-over to a session.
 
 A server gateway dials a client gateway and the connection waits, TLS done and both
-identities checked, until a local `usbip` needs it. Meanwhile the dialing side pings
-(`PING`, answered `PONG`) so that a connection a NAT or a cut link has silently killed is
-noticed and replaced. The client gateway takes a connection by sending `CLAIM`; the
-server gateway answers `READY` and from then on the connection is an ordinary USB/IP
-session, the client's op request first. A connection that does not answer the claim in
-time is dropped and the next pooled one is tried, so a stale connection costs one round
-trip, never a failed attach. Every byte is one of these four; anything else ends the
+identities checked, until a local `usbip` needs it. Meanwhile each side pings the other
+when it has been silent for its `keepalive` (`PING`, answered `PONG`), so that a
+connection a NAT or a cut link has silently killed is noticed and replaced on both ends.
+The client gateway takes a connection by sending `CLAIM`; the server gateway answers
+`READY` and from then on the connection is an ordinary USB/IP session, the client's op
+request first. A connection that does not answer the claim in time is dropped and the
+next pooled one is tried. Every byte is one of these four; anything else ends the
 connection.
 """
 
@@ -45,17 +45,20 @@ async def _send(stream: trio.abc.SendStream, byte: bytes) -> None:
         raise LinkLost(f"connection lost: {exc.__cause__ or exc}") from exc
 
 
-async def wait_for_claim(stream: trio.abc.Stream, keepalive: float) -> None:
-    """Dialing side: keep the idle connection alive until the peer claims it (READY
-    sent), or raise LinkLost."""
+async def _keep_idle(stream: trio.abc.Stream, keepalive: float, *, claimable: bool) -> None:
+    """Answer the peer's pings and ping it when it has been silent for `keepalive`
+    seconds; LinkLost when a ping goes unanswered as long again. Returns when claimed
+    (`claimable`: the dialing side), after answering READY."""
     unanswered = False
     while True:
         with trio.move_on_after(keepalive):
             byte = await _one_byte(stream)
-            if byte == CLAIM:
+            if byte == PING:
+                await _send(stream, PONG)
+            elif byte == CLAIM and claimable:
                 await _send(stream, READY)
                 return
-            if byte != PONG:
+            elif byte != PONG:
                 raise LinkLost(f"unexpected byte {byte!r} while idle")
             unanswered = False
             continue
@@ -65,25 +68,28 @@ async def wait_for_claim(stream: trio.abc.Stream, keepalive: float) -> None:
         unanswered = True
 
 
-async def answer_pings(stream: trio.abc.Stream) -> None:
-    """Accepting side, while the connection is pooled: answer pings until cancelled (the
-    connection is being claimed) or LinkLost. Cancelling it loses no byte."""
-    while True:
-        byte = await _one_byte(stream)
-        if byte != PING:
-            raise LinkLost(f"unexpected byte {byte!r} while idle")
-        await _send(stream, PONG)
+async def wait_for_claim(stream: trio.abc.Stream, keepalive: float) -> None:
+    """Dialing side: keep the idle connection alive until the peer claims it (READY
+    sent), or raise LinkLost."""
+    await _keep_idle(stream, keepalive, claimable=True)
+
+
+async def keep_alive(stream: trio.abc.Stream, keepalive: float) -> None:
+    """Accepting side, while the connection is pooled: until cancelled (the connection is
+    being claimed; no byte is lost) or LinkLost."""
+    await _keep_idle(stream, keepalive, claimable=False)
 
 
 async def claim(stream: trio.abc.Stream, timeout: float) -> None:
     """Accepting side: make the pooled connection a session's; LinkLost if it does not
-    answer within `timeout` seconds."""
+    answer within `timeout` seconds. Pings that crossed the claim are left unanswered:
+    after READY every byte is USB/IP."""
     await _send(stream, CLAIM)
     with trio.move_on_after(timeout):
         while True:
             byte = await _one_byte(stream)
             if byte == READY:
                 return
-            if byte != PING:  # a ping may have crossed the claim
+            if byte not in (PING, PONG):
                 raise LinkLost(f"unexpected byte {byte!r} answering the claim")
     raise LinkLost(f"no answer to the claim within {timeout:g}s")

@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.config import Address, ClientConfig
 from gateway.edges.acceptor import Acceptor, Slot
-from gateway.edges.reverse_link import LinkLost, answer_pings, claim
+from gateway.edges.reverse_link import LinkLost, claim, keep_alive
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.reverse import DialInRefusal, ReverseMetrics
 from gateway.transport.identity import IdentityRefused, PeerIdentity, client_identity
@@ -85,10 +85,13 @@ class _Idle:
 class ServerPool:
     """The idle dial-ins of one server gateway, newest last."""
 
-    def __init__(self, name: str, local: Address, limit: int, metrics: ReverseMetrics) -> None:
+    def __init__(
+        self, name: str, local: Address, limit: int, keepalive: float, metrics: ReverseMetrics
+    ) -> None:
         self.name = name
         self.local = local
         self.limit = limit
+        self.keepalive = keepalive
         self.metrics = metrics
         self.idle: list[_Idle] = []
         self._arrived = trio.Event()
@@ -120,7 +123,7 @@ class ServerPool:
         self._arrived = trio.Event()
         try:
             with entry.scope:
-                await answer_pings(stream)
+                await keep_alive(stream, self.keepalive)
         except LinkLost as exc:
             entry.lost = True
             log.info(
@@ -151,8 +154,10 @@ class ServerPool:
             with trio.CancelScope(shield=True):  # brief: the keeper stops at once
                 await entry.stopped.wait()
             if not entry.lost:
+                # One try is bounded apart: a stale connection must leave time for the next.
+                left = deadline - trio.current_time()
                 try:
-                    await claim(entry.stream, max(deadline - trio.current_time(), 0.1))
+                    await claim(entry.stream, max(min(left, max(timeout / 3, 1.0)), 0.1))
                 except BaseException as exc:
                     if not isinstance(exc, LinkLost):
                         await trio.aclose_forcefully(entry.stream)
@@ -192,7 +197,7 @@ class DialIns:
             alpn=alpn,
         )
         self.pools = {
-            name: ServerPool(name, local, reverse.pool_max, self.reverse_metrics)
+            name: ServerPool(name, local, reverse.pool_max, reverse.keepalive, self.reverse_metrics)
             for name, local in reverse.servers
         }
         self.acceptor = Acceptor(
