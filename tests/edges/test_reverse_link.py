@@ -43,11 +43,9 @@ async def test_a_silent_peer_is_noticed_within_two_keepalives(
     autojump_clock: trio.testing.MockClock, side: str
 ) -> None:
     ours, _silent = trio.testing.memory_stream_pair()
+    idle = wait_for_claim if side == "dialing" else keep_alive
     with pytest.raises(LinkLost, match="no answer to a keepalive"):
-        if side == "dialing":
-            await wait_for_claim(ours, KEEPALIVE)
-        else:
-            await keep_alive(ours, KEEPALIVE)
+        await idle(ours, KEEPALIVE)
     assert trio.current_time() == pytest.approx(2 * KEEPALIVE)
 
 
