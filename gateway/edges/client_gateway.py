@@ -99,15 +99,6 @@ class ClientGateway(Gateway[ClientConfig]):
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
-        for pool in self.dial_ins.pools.values() if self.dial_ins else ():
-            opened = await open_tcp_listeners(pool.local.host, pool.local.port)
-            for listener in opened:
-                bound = local_address(listener)
-                if bound.port in self._by_port:
-                    raise OSError(f"reverse.servers: port {bound.port} given twice")
-                self._by_port[bound.port] = pool
-                self.reverse_addresses.setdefault(pool.name, bound)
-            listeners.extend(opened)
         for address in self.config.listen:
             if not is_loopback(address.host):
                 # Plain USB/IP has no authentication: say so loudly when exposed.
@@ -117,6 +108,18 @@ class ClientGateway(Gateway[ClientConfig]):
                     address,
                 )
             listeners.extend(await open_tcp_listeners(address.host, address.port))
+        # Then each reverse server's own port: a connection is told apart by its port.
+        taken = {local_address(listener).port for listener in listeners}
+        for pool in self.dial_ins.pools.values() if self.dial_ins else ():
+            opened = await open_tcp_listeners(pool.local.host, pool.local.port)
+            listeners.extend(opened)
+            for listener in opened:
+                bound = local_address(listener)
+                if bound.port in taken - {p for p, q in self._by_port.items() if q is pool}:
+                    raise OSError(f"reverse.servers: port {bound.port} is used twice")
+                taken.add(bound.port)
+                self._by_port[bound.port] = pool
+                self.reverse_addresses.setdefault(pool.name, bound)
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:

@@ -17,8 +17,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.companions.agent import Agent, run_companions
 from gateway.config import (
     Address,
+    AgentSettings,
     AuditSettings,
     PolicySettings,
     ReverseAcceptSettings,
@@ -35,6 +37,7 @@ from gateway.sim.server import SimServer, serve_sim
 from gateway.usbip.importer import ImportRefused, import_device, list_devices
 
 from ..pkitools import LOOPBACK, PKI, client_config, issue_client, server_config, write_leaf
+from ..zerotouch.harness import FakeVhci
 from .cut_proxy import CutProxy
 
 SERVER_NAME = "localhost"  # the SAN DNS name of the test server gateway's certificate
@@ -332,3 +335,55 @@ def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
         assert ceiling / 2 <= wait <= ceiling
     backoff.reset()
     assert backoff.next() <= 0.25
+
+
+async def _agent_client(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery, settings: AgentSettings
+) -> tuple[ClientGateway, list[object]]:
+    sim: SimServer = await nursery.start(partial(serve_sim, None, host=LOOPBACK, port=0))
+    config = client_config(
+        pki,
+        UNUSED,
+        agent=settings,
+        reverse=ReverseAcceptSettings(
+            listen=Address(LOOPBACK, 0), servers=((SERVER_NAME, Address(LOOPBACK, 0)),)
+        ),
+    )
+    client = ClientGateway(replace(config, listen=()))
+    listeners = await nursery.start(client.serve)
+    await start_server(nursery, pki, sim, client.dial_in_addresses[0], tmp_path)
+    return client, listeners
+
+
+async def test_the_agent_attaches_from_a_server_that_dials_in(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    vhci = FakeVhci(tmp_path / "client-sys", nursery)
+    settings = AgentSettings(
+        enabled=True,
+        interval=0.2,
+        select=('allow busid "1-2"',),
+        vhci=vhci.platform,
+        state_dir=vhci.state_dir,
+    )
+    client, _ = await _agent_client(pki, tmp_path, nursery, settings)
+    local = client.reverse_addresses[SERVER_NAME]
+    agent = Agent(settings, client, local, runner=vhci, reverse_server=SERVER_NAME)
+    await nursery.start(agent.run)
+    await eventually(lambda: "1-2" in vhci.attached(), "the agent attached 1-2")
+    assert vhci.calls[0] == [
+        *("usbip", "--tcp-port", str(local.port)),
+        *("attach", "-r", LOOPBACK, "-b", "1-2"),
+    ]
+    assert (agent.status()["server"], agent.status()["dialer"]) == (SERVER_NAME, "server")
+
+
+async def test_the_client_gateway_runs_an_agent_per_server_that_dials_in(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    settings = AgentSettings(enabled=True, interval=0.2, select=("reject",))
+    client, listeners = await _agent_client(pki, tmp_path, nursery, settings)
+    await nursery.start(partial(run_companions, client, listeners))
+    section = client.metrics.status_sections[f"agent {SERVER_NAME}"]
+    await eventually(lambda: section()["link"] == "up", "the agent listed the server")
+    assert section()["dialer"] == "server"
