@@ -315,27 +315,31 @@ class ReverseDialSettings:
     dial: tuple[Address, ...] = setting(
         (),
         HostPorts(DEFAULT_PORT),
-        "client gateways' dial-in listeners to keep connections open to",
+        "server: client gateways to dial out to (their `[reverse] listen`)",
         flag=Flag("--dial", help="a client gateway to dial out to (repeatable)", repeat=True),
         default_text="none (no reverse connections)",
     )
     name: str = setting(
         "",
         Text(),
-        "name the client gateways' certificates must carry",
+        "server: name the client gateways' certificates must carry",
         flag=Flag("--dial-name", metavar="NAME"),
         default_text="each one's host",
     )
-    pool: int = setting(2, Integer(maximum=64), "idle connections kept ready per client gateway")
+    pool: int = setting(
+        2, Integer(maximum=64), "server: idle connections kept ready per client gateway"
+    )
     keepalive: float = setting(
         10.0,
         Seconds(),
-        "an idle connection is pinged after this long; one that does not answer within "
-        "as long again is replaced",
+        "both roles: an idle reverse connection silent this long is pinged; one that does "
+        "not answer within as long again is dropped (the server then dials anew)",
     )
-    backoff_max: float = setting(30.0, Seconds(), "the longest wait between failed dials")
+    backoff_max: float = setting(30.0, Seconds(), "server: the longest wait between failed dials")
     also_listen: bool = setting(
-        False, Boolean(), "accept connections on `listen` too (otherwise it does not listen)"
+        False,
+        Boolean(),
+        "server: accept connections on `listen` too (otherwise it does not listen)",
     )
 
 
@@ -346,15 +350,15 @@ class ReverseAcceptSettings:
     listen: Address | None = setting(
         None,
         HostPort(DEFAULT_PORT),
-        "mutual-TLS listener for server gateways dialing in",
+        "client: mutual-TLS listener for server gateways dialing in",
         flag=Flag("--reverse-listen"),
         default_text="none (no dial-ins)",
     )
     servers: tuple[tuple[str, Address], ...] = setting(
         (),
         NamedHostPorts(DEFAULT_PORT),
-        "server gateways accepted, each by a name its certificate carries (SAN DNS or URI), "
-        "and the local plain USB/IP address that reaches it",
+        "client: server gateways accepted, each by a name its certificate carries (SAN DNS "
+        "or URI), and the local plain USB/IP address that reaches it",
         flag=Flag(
             "--reverse-server",
             help="NAME=HOST:PORT: accept dial-ins from NAME, serve them on HOST:PORT (repeatable)",
@@ -363,18 +367,18 @@ class ReverseAcceptSettings:
         ),
     )
     pool_max: int = setting(
-        8, Integer(maximum=1024), "idle dial-ins held per server; more are refused"
+        8, Integer(maximum=1024), "client: idle dial-ins held per server; more are refused"
     )
     claim_timeout: float = setting(
         3.0,
         Seconds(),
-        "how long a local connection waits for a dialed-in connection that answers",
+        "client: how long a local connection waits for a dialed-in connection that answers",
     )
     keepalive: float = setting(
         10.0,
         Seconds(),
-        "an idle dialed-in connection is pinged after this long; one that does not answer "
-        "within as long again is dropped",
+        "both roles: an idle reverse connection silent this long is pinged; one that does "
+        "not answer within as long again is dropped (the server then dials anew)",
     )
 
 
