@@ -22,6 +22,7 @@ from gateway.config import (
     Address,
     AgentSettings,
     AuditSettings,
+    CompressionSettings,
     PolicySettings,
     ReverseAcceptSettings,
     ReverseDialSettings,
@@ -57,17 +58,24 @@ class Reverse:
 
 
 async def start_client(
-    nursery: trio.Nursery, pki: PKI, *, pool_max: int = 8, claim_timeout: float = 3.0
+    nursery: trio.Nursery,
+    pki: PKI,
+    *,
+    pool_max: int = 8,
+    claim_timeout: float = 3.0,
+    names: tuple[str, ...] = (SERVER_NAME,),
+    compression: CompressionSettings | None = None,
 ) -> ClientGateway:
     config = client_config(
         pki,
         UNUSED,
         reverse=ReverseAcceptSettings(
             listen=Address(LOOPBACK, 0),
-            servers=((SERVER_NAME, Address(LOOPBACK, 0)),),
+            servers=tuple((name, Address(LOOPBACK, 0)) for name in names),
             pool_max=pool_max,
             claim_timeout=claim_timeout,
         ),
+        compression=compression or CompressionSettings(),
     )
     client = ClientGateway(replace(config, listen=()))
     await nursery.start(client.serve)
@@ -85,6 +93,8 @@ async def start_server(
     policy: Path | None = None,
     keepalive: float = 10.0,
     pool: int = 2,
+    name: str = CLIENT_NAME,
+    compression: CompressionSettings | None = None,
 ) -> ServerGateway:
     config = server_config(
         pki,
@@ -92,8 +102,9 @@ async def start_server(
         policy=PolicySettings(file=policy, sysfs=None),
         audit=AuditSettings(str(tmp_path / "audit.jsonl")),
         reverse=ReverseDialSettings(
-            dial=(dial,), name=CLIENT_NAME, pool=pool, keepalive=keepalive, backoff_max=0.5
+            dial=(dial,), name=name, pool=pool, keepalive=keepalive, backoff_max=0.5
         ),
+        compression=compression or CompressionSettings(),
     )
     if tls is not None:
         config = replace(config, tls=tls)
@@ -326,6 +337,78 @@ async def test_the_pool_is_bounded(pki: PKI, tmp_path: Path, nursery: trio.Nurse
         "dial-ins beyond pool_max refused",
     )
     assert idle(client) == 3
+
+
+async def test_a_client_gateway_without_the_dialed_name_is_refused_by_the_dialer(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    sim: SimServer = await nursery.start(partial(serve_sim, None, host=LOOPBACK, port=0))
+    client = await start_client(nursery, pki)
+    server = await start_server(
+        nursery, pki, sim, client.dial_in_addresses[0], tmp_path, name="bench.elsewhere.test"
+    )
+    await eventually(
+        lambda: (
+            metric(server.metrics, "usbip_gateway_reverse_dials_total", result="handshake_failed")
+            >= 1
+        ),
+        "the dial refused",
+    )
+    assert metric(
+        server.metrics, "usbip_gateway_tls_handshake_failures_total", reason="hostname_mismatch"
+    )
+    assert idle(client) == idle(server) == 0
+
+
+async def test_several_device_hosts_each_on_their_own_port(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    other = "device-b.test"
+    cert, key = write_leaf(pki.ca.issue_cert(other), tmp_path, "device-b")
+    client = await start_client(nursery, pki, names=(SERVER_NAME, other))
+    sims: dict[str, SimServer] = {}
+    for name, tls in ((SERVER_NAME, None), (other, TLSSettings(cert, key, pki.ca_pem))):
+        sims[name] = await nursery.start(partial(serve_sim, None, host=LOOPBACK, port=0))
+        home = tmp_path / name
+        home.mkdir()
+        await start_server(nursery, pki, sims[name], client.dial_in_addresses[0], home, tls=tls)
+    await eventually(lambda: idle(client) == 4, "both device hosts dialed in")
+    for name in (SERVER_NAME, other, other):
+        await list_devices(await connect(client.reverse_addresses[name]))
+    # Each port reached its own device host's usbipd, and only that one.
+    assert sims[SERVER_NAME].connections_accepted == 1
+    assert sims[other].connections_accepted == 2
+
+
+async def test_compression_is_negotiated_on_dialed_connections(
+    pki: PKI, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    zstd = CompressionSettings(algorithm="zstd")
+    sim: SimServer = await nursery.start(partial(serve_sim, None, host=LOOPBACK, port=0))
+    client = await start_client(nursery, pki, compression=zstd)
+    server = await start_server(
+        nursery, pki, sim, client.dial_in_addresses[0], tmp_path, compression=zstd
+    )
+    await eventually(lambda: idle(client) == 2, "pool ready")
+    device = await import_device(await connect(client.reverse_addresses[SERVER_NAME]), "1-2")
+    async with trio.open_nursery() as inner:
+        inner.start_soon(device.serve)
+        payload = bytes(200_000)  # compresses well
+        assert (await device.submit(1, Direction.OUT, data=payload)).status == 0
+        assert (await device.submit(1, Direction.IN, length=len(payload))).data == payload
+        (session,) = server.sessions.values()
+        assert session.compression == "zstd"
+        await device.aclose()
+
+
+async def test_shutdown_stops_dialing_and_closes_the_idle_connections(
+    reverse: Reverse,
+) -> None:
+    assert await reverse.server.shutdown(1)
+    await eventually(lambda: idle(reverse.client) == 0, "the client gateway saw them close")
+    assert idle(reverse.server) == 0
+    with pytest.raises((ConnectionError, OSError, trio.BrokenResourceError)):
+        await list_devices(await connect(reverse.local))
 
 
 def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
