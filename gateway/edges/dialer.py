@@ -25,7 +25,7 @@ from gateway.observability.reverse import DialResult, ReverseMetrics
 from gateway.transport.identity import PeerIdentity
 from gateway.transport.names import peer_name
 from gateway.transport.sockets import open_tcp, transport_name
-from gateway.transport.tls import HandshakeFailed, ReloadableContext, handshake
+from gateway.transport.tls import HandshakeFailed, ReloadableContext, failure_reason, handshake
 from gateway.transport.tls_stream import TlsStream
 
 log = logging.getLogger("gateway.edges.dialer")
@@ -146,10 +146,17 @@ class Dialer:
         try:
             await wait_for_claim(link.stream, self.settings.keepalive)
         except LinkLost as exc:
+            await trio.aclose_forcefully(link.stream)
+            # TLS 1.3: a client learns that the server refused its certificate on its
+            # first read, which is here. Counted as the handshake failure it is.
+            reason = failure_reason(exc.__cause__) if exc.__cause__ is not None else "eof"
+            if reason not in ("eof", "other", "timeout"):
+                self.metrics.handshake_failed(reason)
+                self._failed("handshake_failed", f"the client gateway refused us: {exc}")
+                return False
             self.last_error = f"idle connection lost: {exc}"
             self.reverse_metrics.dialed(self.peer, "idle_lost")
             log.info("reverse connection to %s dropped: %s", self.target, exc)
-            await trio.aclose_forcefully(link.stream)
             return False
         except BaseException:
             await trio.aclose_forcefully(link.stream)

@@ -111,3 +111,11 @@ async def test_a_single_role_certificate_cannot_play_the_other_tls_role(
         "the handshake refused",
     )
     assert idle(client) == 0
+    # Either way the dialing side counts the refusal as a failed handshake.
+    await eventually(
+        lambda: (
+            metric(server.metrics, "usbip_gateway_reverse_dials_total", result="handshake_failed")
+            >= 1
+        ),
+        "the dialer counted it",
+    )
