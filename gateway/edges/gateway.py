@@ -16,7 +16,7 @@ from gateway.edges.acceptor import Acceptor
 from gateway.edges.reloading import watch_tls
 from gateway.observability.http import start_http
 from gateway.observability.metrics import GatewayMetrics
-from gateway.transport.sockets import TunedListener
+from gateway.transport.sockets import TunedListener, close_listeners
 from gateway.transport.tls import ReloadableContext
 
 Config = TypeVar("Config", bound=GatewayConfig)
@@ -33,19 +33,23 @@ class Gateway(Generic[Config]):
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await self._open_listeners()
-        async with trio.open_nursery() as nursery:
-            await self._start_services(nursery)
-            await start_http(nursery, self.metrics)
-            if self.config.tls.watch:
-                for tls in self.tls_contexts():
-                    nursery.start_soon(watch_tls, tls, self.config.tls)
-            await nursery.start(
-                partial(self.acceptor.run, listeners, sources=self._connection_sources())
-            )
-            self.metrics.listening = True
-            for listener in listeners:
-                self.log.info("listening on %s", self._describe(listener))
-            task_status.started(listeners)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._start_services(nursery)
+                await start_http(nursery, self.metrics)
+                if self.config.tls.watch:
+                    for tls in self.tls_contexts():
+                        nursery.start_soon(watch_tls, tls, self.config.tls)
+                await nursery.start(
+                    partial(self.acceptor.run, listeners, sources=self._connection_sources())
+                )
+                self.metrics.listening = True
+                for listener in listeners:
+                    self.log.info("listening on %s", self._describe(listener))
+                task_status.started(listeners)
+        finally:
+            # Also when something beside them failed to start (a metrics port in use).
+            await close_listeners(listeners)
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, let open sessions end (up to the shutdown timeout), then what

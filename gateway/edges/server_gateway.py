@@ -30,6 +30,7 @@ from gateway.edges.reloading import watch
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.reverse import ReverseMetrics
 from gateway.policy import DeviceFacts, Target
+from gateway.policy.shorthand import shorthand_rules
 from gateway.protocol import (
     ConnectionClosed,
     DeviceInfo,
@@ -50,6 +51,7 @@ from gateway.transport.identity import IdentityRefused, PeerIdentity, client_ide
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
+    close_listeners,
     open_tcp,
     open_tcp_listeners,
     transport_name,
@@ -112,8 +114,11 @@ class ServerGateway(Gateway[ServerConfig]):
         self.layouts = layouts or (SysfsLayout(sysfs) if sysfs is not None else None)
         self.audit = audit or AuditLog(config.audit.path)
         self.metrics = GatewayMetrics.for_server(config)
+        shorthand = shorthand_rules(
+            config.policy.allow_cn, config.policy.allow_uri, config.policy.allow_dns
+        )
         self.access = AccessControl(
-            PolicyFile(config.policy.file),
+            PolicyFile(config.policy.file, shorthand),
             strings,
             self.audit,
             self._list_upstream,
@@ -132,7 +137,9 @@ class ServerGateway(Gateway[ServerConfig]):
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
         self.dialers = self._dialers(config)
-        if config.policy.file is None:
+        if config.policy.file is None and shorthand:
+            log.info("policy from the --allow-* shorthands: %s", shorthand.strip())
+        elif config.policy.file is None:
             log.warning(
                 "no policy file: every client with a valid certificate may list and "
                 "import every device"
@@ -194,12 +201,16 @@ class ServerGateway(Gateway[ServerConfig]):
         listeners: list[TunedListener] = []
         if self.dialers and not self.config.reverse.also_listen:
             return listeners  # reverse mode: nothing to accept
-        for address in self.config.listen:
-            listeners.extend(
-                await open_tcp_listeners(
-                    address.host, address.port, mptcp=self.config.transport.mptcp
+        try:
+            for address in self.config.listen:
+                listeners.extend(
+                    await open_tcp_listeners(
+                        address.host, address.port, mptcp=self.config.transport.mptcp
+                    )
                 )
-            )
+        except BaseException:
+            await close_listeners(listeners)  # those of the addresses before
+            raise
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:
@@ -339,7 +350,7 @@ class ServerGateway(Gateway[ServerConfig]):
     async def _serve_session(
         self, client: trio.abc.Stream, identity: PeerIdentity, session: Session
     ) -> None:
-        splice = Splice(self.config.limits)
+        splice = Splice(self.config.limits, cut_through=True)
         try:
             with trio.fail_after(self.config.request_timeout):
                 request = await receive_frame(splice, Role.CLIENT, client)

@@ -140,7 +140,8 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--kind",
         required=True,
         choices=("server", "client", "both"),
-        help="both: serverAuth and clientAuth, for reverse mode (docs/reverse-connections.md)",
+        help="what the certificate is for; both: serverAuth and clientAuth, for reverse "
+        "mode (docs/reverse-connections.md)",
     )
     issue.add_argument("--name", required=True, help="output file stem")
     issue.add_argument("--cn", help="subject common name (default: NAME)")
@@ -149,13 +150,20 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
         ("--ip", "SAN IP address"),
         ("--uri", "SAN URI, e.g. spiffe://example.org/ns/x/sa/y"),
     ):
-        issue.add_argument(flag, action="extend", nargs="+", default=[], metavar="V", help=what)
+        issue.add_argument(
+            flag,
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="V",
+            help=f"{what} (default: none)",
+        )
     issue.add_argument("--days", type=int, default=LEAF_DAYS, help="validity in days")
     issue.add_argument("--force", action="store_true", help="overwrite existing files")
     issue.set_defaults(func=_guarded(_cmd_issue))
 
     demo = sub.add_parser("demo", help="write a throwaway CA, server and client into DIR")
-    demo.add_argument("--dir", required=True)
+    demo.add_argument("--dir", required=True, help="directory for the files")
     demo.add_argument("--force", action="store_true", help="overwrite existing files")
     demo.set_defaults(func=_guarded(_cmd_demo))
 
@@ -171,6 +179,6 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
     crl.set_defaults(func=_guarded(_cmd_crl))
 
     show = sub.add_parser("show", help="print a certificate's subject, SANs, validity")
-    show.add_argument("file")
+    show.add_argument("file", help="a PEM certificate")
     show.set_defaults(func=_guarded(_cmd_show))
     return certs
