@@ -86,6 +86,10 @@ async def _run(gateway: ServerGateway | ClientGateway) -> int:
         nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome)
         listeners = await nursery.start(gateway.serve)
         await nursery.start(run_companions, gateway, listeners)
+        if gateway.config.nmos.enabled:
+            from gateway.nmos.node import run_nmos  # noqa: PLC0415
+
+            await nursery.start(run_nmos, gateway, listeners)
     return outcome[0] if outcome else 0
 
 

@@ -25,6 +25,7 @@ from gateway.commands import EXIT_UNAVAILABLE, leaves
 from gateway.config import (
     Address,
     ClientConfig,
+    NmosSettings,
     PolicySettings,
     ServerConfig,
     TLSSettings,
@@ -68,9 +69,12 @@ async def start_stack(
     devices: list[SimDevice] | None = None,
     transport: TransportSettings | None = None,
     policy: Path | None = None,
+    server_nmos: NmosSettings | None = None,
+    client_nmos: NmosSettings | None = None,
 ) -> Stack:
     """Start simulator, server gateway and client gateway, all on loopback; `policy`: the
-    server gateway's policy file (none: every client may use every device)."""
+    server gateway's policy file (none: every client may use every device); `*_nmos`:
+    each gateway's `[nmos]` table (its Node is started by the caller)."""
     transport = transport or TransportSettings()
     sim: SimServer = await nursery.start(partial(serve_sim, devices, host=LOOPBACK, port=0))
     sim_address = Address(*sim.addresses[0])
@@ -83,6 +87,7 @@ async def start_stack(
             # The simulator's devices are not in this host's sysfs (a real device with the
             # same bus id may be): the gateway learns their endpoints in the session.
             policy=PolicySettings(file=policy, sysfs=None),
+            nmos=server_nmos or NmosSettings(),
         ),
         strings=sim,
     )
@@ -94,6 +99,7 @@ async def start_stack(
             server_name="localhost",
             listen=(client_listen,),
             transport=transport,
+            nmos=client_nmos or NmosSettings(),
         )
     )
     client_address = local_address((await nursery.start(client.serve))[0])

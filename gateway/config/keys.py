@@ -222,6 +222,24 @@ class Strings:
 
 
 @dataclass(frozen=True, slots=True)
+class Integers:
+    """A list of integers in a range (USB class codes, for one)."""
+
+    minimum: int = 0
+    maximum: int = _INT_MAX
+    unit: str = ""
+
+    def describe(self) -> str:
+        return f"list of integers {self.minimum}..{self.maximum}"
+
+    def read(self, value: Any, key: str, base: Path) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list of integers, not {value!r}")
+        each = Integer(self.minimum, self.maximum)
+        return tuple(each.read(item, key, base) for item in value)
+
+
+@dataclass(frozen=True, slots=True)
 class Rules:
     """Lines in the policy language, each read after `prefix`; checked now, so a typo is
     a configuration error."""

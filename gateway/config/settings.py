@@ -22,6 +22,7 @@ from gateway.config.keys import (
     HostPort,
     HostPorts,
     Integer,
+    Integers,
     Key,
     NamedHostPorts,
     Rules,
@@ -43,6 +44,7 @@ Algorithm = Literal["none", "zstd"]
 BindMethod = Literal["command", "sysfs"]
 METRICS_PORT = 9240
 USBIPD_PORT = 3241  # usbipd behind the server gateway, which has the usual 3240
+NMOS_PORT = 3212  # the Node and Connection APIs
 MiB = 1024 * 1024
 
 
@@ -423,6 +425,73 @@ class ReverseAcceptSettings:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class NmosSettings:
+    """`[nmos]`: the gateway as an AMWA NMOS Node, the server a USB Sender and the client a
+    USB Receiver (IS-04 Node API, IS-05 Connection API; docs/nmos.md)."""
+
+    enabled: bool = setting(
+        False,
+        Boolean(),
+        "serve the NMOS Node and Connection APIs and register with a registry",
+        flag=Flag("--nmos", const=True, help="be an NMOS Node ([nmos], docs/nmos.md)"),
+    )
+    listen: Address = setting(
+        Address("127.0.0.1", NMOS_PORT),
+        HostPort(NMOS_PORT),
+        "where the Node API (/x-nmos/node) and Connection API (/x-nmos/connection) listen",
+        flag=Flag("--nmos-listen"),
+    )
+    host: str = setting(
+        "",
+        Text(),
+        "the address the Node's hrefs and API endpoints name",
+        default_text="the listen address (the host's own address when that is a wildcard)",
+    )
+    label: str = setting("", Text(), "the Node's and Device's label", default_text="the host name")
+    seed: str = setting(
+        "",
+        Text(),
+        "the resource ids derive from it (the same seed, the same ids after a restart)",
+        default_text="the host name and the role",
+    )
+    registration: bool = setting(
+        True,
+        Boolean(),
+        "find a Registration API (`registry`, else DNS-SD) and register; without one, "
+        "advertise the Node for peer-to-peer",
+    )
+    registry: Address | None = setting(
+        None,
+        HostPort(80),
+        "a Registration API to use, e.g. `registry.example:8010`",
+        default_text="none (DNS-SD `_nmos-register._tcp`)",
+    )
+    heartbeat_interval: float = setting(5.0, Seconds(), "between registry heartbeats")
+    legs: tuple[Address, ...] = setting(
+        (),
+        HostPorts(DEFAULT_PORT),
+        "server: the addresses the Sender's SDP names, one per leg (two with MPTCP)",
+        default_text="the first listen address",
+    )
+    publish_devices: bool = setting(
+        False,
+        Boolean(),
+        "server: list the devices (ids, class, serial) and their classes in the Source",
+    )
+    audience: str = setting(
+        "nmos",
+        Text(),
+        "server: the client name the policy is asked about for that list",
+    )
+    usb_classes: tuple[int, ...] = setting(
+        (),
+        Integers(maximum=255),
+        "client: the USB classes the Receiver accepts",
+        default_text="any",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """What both roles have; the keys here are in each role's own table."""
@@ -464,6 +533,7 @@ class GatewayConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    nmos: NmosSettings = field(default_factory=NmosSettings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

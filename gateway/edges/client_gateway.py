@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 
 import trio
 
@@ -55,6 +56,14 @@ from gateway.transport.tls_stream import TlsStream
 log = logging.getLogger("gateway.edges.client_gateway")
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The server gateway new sessions go to, and the name its certificate must carry."""
+
+    server: Address
+    server_name: str
+
+
 class ClientGateway(Gateway[ClientConfig]):
     log = log
 
@@ -69,6 +78,9 @@ class ClientGateway(Gateway[ClientConfig]):
             alpn=alpn_protocols(config.compression.enabled),
         )
         self.sessions: dict[int, Session] = {}
+        # Where sessions go; an NMOS activation may change it, or switch it off (None).
+        self.route: Route | None = Route(config.server, config.server_name)
+        self._scopes: dict[int, trio.CancelScope] = {}
         self.metrics = GatewayMetrics.for_client(config)
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
@@ -160,9 +172,29 @@ class ClientGateway(Gateway[ClientConfig]):
             f"(TLS name {self.config.server_name})"
         )
 
+    def reroute(self, route: Route | None) -> None:
+        """Send new sessions along `route` (None: refuse them). A change closes the open
+        sessions, which detaches their devices: they belonged to the old route."""
+        if route == self.route:
+            return
+        log.info(
+            "server gateway now %s; closing %d open session(s)",
+            "none" if route is None else f"{route.server} (TLS name {route.server_name})",
+            len(self._scopes),
+        )
+        self.route = route
+        for scope in self._scopes.values():
+            scope.cancel()
+
+    def _server_text(self) -> str:
+        return "none" if self.route is None else str(self.route.server)
+
     async def connect(self) -> TlsStream:
         """A verified mutual-TLS connection to the server gateway."""
-        server = self.config.server
+        route = self.route
+        if route is None:
+            raise OSError("no server gateway: the route is switched off")
+        server = route.server
         try:
             tcp = await open_tcp(
                 server.host,
@@ -174,7 +206,7 @@ class ClientGateway(Gateway[ClientConfig]):
             self.metrics.upstream_connect_failed()
             raise
         self.metrics.upstream_connected()
-        stream = TlsStream.over(tcp, self.tls.current, server_hostname=self.config.server_name)
+        stream = TlsStream.over(tcp, self.tls.current, server_hostname=route.server_name)
         try:
             await handshake(stream, self.config.handshake_timeout)
         except HandshakeFailed as exc:
@@ -196,64 +228,75 @@ class ClientGateway(Gateway[ClientConfig]):
         self.sessions[session.id] = session
         self.metrics.session_started(session)
         splice = Splice(self.config.limits, cut_through=True)
-        server: object = self.config.server if pool is None else pool.name
+        server: object = self._server_text() if pool is None else pool.name
         link: trio.abc.Stream | None = None
+        scope = trio.CancelScope()
+        if pool is None:  # a reverse server's sessions do not follow the route
+            self._scopes[session.id] = scope
         try:
-            try:
-                if pool is None:
-                    server_link = await self.connect()
-                else:
-                    session.dialer = "server"
-                    server_link = await self._take(pool)
-            except HandshakeFailed as exc:
-                why = f"TLS to {server} failed: {exc}{_hint(exc.reason, self.config)}"
-                await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
-                return
-            except (OSError, trio.TooSlowError) as exc:
-                why = f"server gateway {server} unreachable: {exc or 'timeout'}"
-                await self._answer_failure(
-                    stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, why
+            with scope:
+                try:
+                    if pool is None:
+                        server_link = await self.connect()
+                    else:
+                        session.dialer = "server"
+                        server_link = await self._take(pool)
+                except HandshakeFailed as exc:
+                    why = f"TLS to {server} failed: {exc}{_hint(exc.reason, self.config)}"
+                    await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
+                    return
+                except (OSError, trio.TooSlowError) as exc:
+                    why = f"server gateway {server} unreachable: {exc or 'timeout'}"
+                    await self._answer_failure(
+                        stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, why
+                    )
+                    return
+                except NoDialIn as exc:
+                    await self._answer_failure(
+                        stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, str(exc)
+                    )
+                    return
+                try:
+                    session.peer = str(peer_identity(server_link))
+                except IdentityRefused as exc:
+                    # Only an undecodable certificate: a server's may be a CA's (the client
+                    # checks it names the server, which is what matters here).
+                    self.metrics.identity_refused(exc.reason)
+                    await trio.aclose_forcefully(server_link)
+                    why = f"TLS to {server} failed: {exc}"
+                    await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
+                    return
+                session.transport = transport_name(server_link)
+                link = compress_if_negotiated(
+                    server_link,
+                    level=self.config.compression.level,
+                    on_bytes=self.metrics.compressed,
                 )
-                return
-            except NoDialIn as exc:
-                await self._answer_failure(
-                    stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, str(exc)
+                session.compression = "none" if link is server_link else "zstd"
+                log.debug(
+                    "session %d to %s (connection dialed by the %s gateway): %s, compression %s",
+                    session.id,
+                    session.peer,
+                    session.dialer,
+                    session.transport,
+                    session.compression,
                 )
-                return
-            try:
-                session.peer = str(peer_identity(server_link))
-            except IdentityRefused as exc:
-                # Only an undecodable certificate: a server's may be a CA's (the client
-                # checks it names the server, which is what matters here).
-                self.metrics.identity_refused(exc.reason)
-                await trio.aclose_forcefully(server_link)
-                why = f"TLS to {server} failed: {exc}"
-                await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
-                return
-            session.transport = transport_name(server_link)
-            link = compress_if_negotiated(
-                server_link, level=self.config.compression.level, on_bytes=self.metrics.compressed
-            )
-            session.compression = "none" if link is server_link else "zstd"
-            log.debug(
-                "session %d to %s (connection dialed by the %s gateway): %s, compression %s",
-                session.id,
-                session.peer,
-                session.dialer,
-                session.transport,
-                session.compression,
-            )
-            if await self._op_exchange(stream, link, splice, session, server):
-                await relay(
-                    splice,
-                    stream,
-                    link,
-                    session,
-                    budget=self.buffers,
-                    # The op phase is behind us (bounded by op_idle_timeout).
-                    idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
+                if await self._op_exchange(stream, link, splice, session, server):
+                    await relay(
+                        splice,
+                        stream,
+                        link,
+                        session,
+                        budget=self.buffers,
+                        # The op phase is behind us (bounded by op_idle_timeout).
+                        idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
+                    )
+            if scope.cancelled_caught:
+                session.outcome = Outcome(
+                    OutcomeKind.CLOSED, "the route to the server gateway changed"
                 )
         finally:
+            self._scopes.pop(session.id, None)
             await close_all(stream, *([link] if link is not None else []))
             del self.sessions[session.id]
             self.metrics.session_ended(session)

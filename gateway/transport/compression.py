@@ -257,6 +257,9 @@ class Decoder:
         finally:
             body.release()
         del self._buffer[:total]
+        if not self._buffer:
+            # A bytearray keeps its largest size: an idle session should not.
+            self._buffer = bytearray()
         self.stats.wire_bytes += total
         self.stats.plain_bytes += len(plain)
         if kind is ChunkType.RAW:

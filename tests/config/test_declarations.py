@@ -30,7 +30,7 @@ COMMON_FLAGS = {
     "--connect-timeout", "--max-transfer-length", "--max-pending-urbs", "--max-connections",
     "--shutdown-timeout", "--log-level", "--log-format", "--metrics-listen",
     "--metrics-no-status", "--metrics-status-listen", "--metrics-device-label", "--compression",
-    "--compression-level", "--mptcp",
+    "--compression-level", "--mptcp", "--nmos", "--nmos-listen",
 }  # fmt: skip
 ROLE_FLAGS = {
     "server": {
