@@ -47,7 +47,8 @@ def reload(gateway: ServerGateway | ClientGateway) -> None:
     from gateway.edges.reloading import reload_tls  # noqa: PLC0415
     from gateway.edges.server_gateway import ServerGateway  # noqa: PLC0415
 
-    reload_tls(gateway.tls)
+    for tls in gateway.tls_contexts():
+        reload_tls(tls)
     if isinstance(gateway, ServerGateway):
         gateway.reload_policy()
 

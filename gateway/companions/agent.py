@@ -97,9 +97,14 @@ class Agent:
         runner: Runner = run_command,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        reverse_server: str | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
+        # Reverse mode: a server gateway that dials in, listed through its own local port
+        # (the path `usbip list` takes), not through a connection the gateway dials.
+        self.reverse_server = reverse_server
+        self.server = reverse_server or str(gateway.config.server)
         self.attach_to = attach_to  # the client gateway's own loopback listener
         self.select = select_policy(settings)
         self.runner = runner
@@ -125,7 +130,7 @@ class Agent:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         log.info(
             "agent: attaching from %s through %s (%s)",
-            self.gateway.config.server,
+            self.server,
             self.attach_to,
             self.select.summary(),
         )
@@ -157,7 +162,7 @@ class Agent:
             if self.link != "down" or why != self.last_error:
                 log.warning(
                     "agent: server gateway %s unreachable: %s; retrying in %gs",
-                    self.gateway.config.server,
+                    self.server,
                     why,
                     self.retry_in,
                 )
@@ -201,6 +206,9 @@ class Agent:
 
     async def list(self) -> tuple[ExportedDevice, ...]:
         with trio.fail_after(LIST_TIMEOUT):
+            if self.reverse_server is not None:
+                plain = await trio.open_tcp_stream(self.attach_to.host, self.attach_to.port)
+                return await list_devices(plain, self.gateway.config.limits)
             stream = await self.gateway.connect()
             link = compress_if_negotiated(
                 stream,
@@ -298,7 +306,8 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {
-            "server": str(self.gateway.config.server),
+            "server": self.server,
+            "dialer": "client" if self.reverse_server is None else "server",
             "link": self.link,
             "last_error": self.last_error,
             "failures": self.failures,
@@ -342,12 +351,24 @@ async def run_companions(
                 addresses = announced_addresses(config.discovery, config.listen)
                 nursery.start_soon(Announcer(config.discovery, port, addresses).run)
         elif config.agent.enabled:
-            port = _bound_port(listeners, config.listen[0].port)
-            host = config.listen[0].host
-            host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
-            agent = Agent(config.agent, gateway, Address(host, port))  # type: ignore[arg-type]
-            gateway.metrics.status_sections["agent"] = agent.status
-            await nursery.start(agent.run)
+            if config.listen:
+                port = _bound_port(listeners, config.listen[0].port)
+                host = config.listen[0].host
+                host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
+                agent = Agent(config.agent, gateway, Address(host, port))  # type: ignore[arg-type]
+                gateway.metrics.status_sections["agent"] = agent.status
+                await nursery.start(agent.run)
+            # Each server gateway that dials in: its own agent, on its own local port.
+            for name, local in getattr(gateway, "reverse_addresses", {}).items():
+                host = "127.0.0.1" if local.host in ("0.0.0.0", "", "localhost") else local.host
+                agent = Agent(
+                    config.agent,
+                    gateway,  # type: ignore[arg-type]
+                    Address(host, local.port),
+                    reverse_server=name,
+                )
+                gateway.metrics.status_sections[f"agent {name}"] = agent.status
+                await nursery.start(agent.run)
         task_status.started()
 
 

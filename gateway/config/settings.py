@@ -24,6 +24,7 @@ from gateway.config.keys import (
     Integer,
     Integers,
     Key,
+    NamedHostPorts,
     Rules,
     Seconds,
     Strings,
@@ -350,6 +351,81 @@ class AgentSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReverseDialSettings:
+    """`[reverse]`, server: dial out to client gateways instead of waiting for them, for a
+    device host no one can reach (docs/reverse-connections.md)."""
+
+    dial: tuple[Address, ...] = setting(
+        (),
+        HostPorts(DEFAULT_PORT),
+        "server: client gateways to dial out to (their `[reverse] listen`)",
+        flag=Flag("--dial", help="a client gateway to dial out to (repeatable)", repeat=True),
+        default_text="none (no reverse connections)",
+    )
+    name: str = setting(
+        "",
+        Text(),
+        "server: name the client gateways' certificates must carry",
+        flag=Flag("--dial-name", metavar="NAME"),
+        default_text="each one's host",
+    )
+    pool: int = setting(
+        2, Integer(maximum=64), "server: idle connections kept ready per client gateway"
+    )
+    keepalive: float = setting(
+        10.0,
+        Seconds(),
+        "both roles: an idle reverse connection silent this long is pinged; one that does "
+        "not answer within as long again is dropped (the server then dials anew)",
+    )
+    backoff_max: float = setting(30.0, Seconds(), "server: the longest wait between failed dials")
+    also_listen: bool = setting(
+        False,
+        Boolean(),
+        "server: accept connections on `listen` too (otherwise it does not listen)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseAcceptSettings:
+    """`[reverse]`, client: server gateways that dial in (docs/reverse-connections.md)."""
+
+    listen: Address | None = setting(
+        None,
+        HostPort(DEFAULT_PORT),
+        "client: mutual-TLS listener for server gateways dialing in",
+        flag=Flag("--reverse-listen"),
+        default_text="none (no dial-ins)",
+    )
+    servers: tuple[tuple[str, Address], ...] = setting(
+        (),
+        NamedHostPorts(DEFAULT_PORT),
+        "client: server gateways accepted, each by a name its certificate carries (SAN DNS "
+        "or URI), and the local plain USB/IP address that reaches it",
+        flag=Flag(
+            "--reverse-server",
+            help="NAME=HOST:PORT: accept dial-ins from NAME, serve them on HOST:PORT (repeatable)",
+            repeat=True,
+            metavar="NAME=HOST:PORT",
+        ),
+    )
+    pool_max: int = setting(
+        8, Integer(maximum=1024), "client: idle dial-ins held per server; more are refused"
+    )
+    claim_timeout: float = setting(
+        3.0,
+        Seconds(),
+        "client: how long a local connection waits for a dialed-in connection that answers",
+    )
+    keepalive: float = setting(
+        10.0,
+        Seconds(),
+        "both roles: an idle reverse connection silent this long is pinged; one that does "
+        "not answer within as long again is dropped (the server then dials anew)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class NmosSettings:
     """`[nmos]`: the gateway as an AMWA NMOS Node, the server a USB Sender and the client a
     USB Receiver (IS-04 Node API, IS-05 Connection API; docs/nmos.md)."""
@@ -485,6 +561,7 @@ class ServerConfig(GatewayConfig):
     audit: AuditSettings = field(default_factory=AuditSettings)
     exporter: ExporterSettings = field(default_factory=ExporterSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    reverse: ReverseDialSettings = field(default_factory=ReverseDialSettings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -517,3 +594,4 @@ class ClientConfig(GatewayConfig):
         "this long is closed",
     )
     agent: AgentSettings = field(default_factory=AgentSettings)
+    reverse: ReverseAcceptSettings = field(default_factory=ReverseAcceptSettings)

@@ -18,6 +18,7 @@ from gateway.accounting.session import Session
 from gateway.config import Address, ClientConfig, is_loopback
 from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.gateway import Gateway
+from gateway.edges.reverse_pool import DialIns, ServerPool
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import (
     ConnectionClosed,
@@ -34,7 +35,7 @@ from gateway.relay.budget import BufferBudget
 from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.identity import IdentityRefused
-from gateway.transport.names import local_name, peer_name
+from gateway.transport.names import local_address, local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
     close_listeners,
@@ -91,6 +92,36 @@ class ClientGateway(Gateway[ClientConfig]):
             max_handshakes=config.resources.max_handshakes,
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
+        # Reverse mode: server gateways that dial in, each served on its own local port.
+        self.dial_ins: DialIns | None = None
+        if config.reverse.listen is not None and config.reverse.servers:
+            alpn = alpn_protocols(config.compression.enabled)
+            self.dial_ins = DialIns(config, self.metrics, alpn)
+        elif config.reverse.listen is not None or config.reverse.servers:
+            log.warning("reverse mode needs both reverse.listen and reverse.servers: off")
+        self._by_port: dict[int, ServerPool] = {}
+        self.reverse_addresses: dict[str, Address] = {}
+        self.dial_in_addresses: list[Address] = []
+
+    def tls_contexts(self) -> list[ReloadableContext]:
+        return [self.tls] + ([self.dial_ins.tls] if self.dial_ins else [])
+
+    async def _start_services(self, nursery: trio.Nursery) -> None:
+        if self.dial_ins is None:
+            return
+        address = self.config.reverse.listen
+        assert address is not None
+        listeners = await open_tcp_listeners(
+            address.host, address.port, mptcp=self.config.transport.mptcp
+        )
+        self.dial_in_addresses = [local_address(listener) for listener in listeners]
+        await nursery.start(self.dial_ins.run, listeners)
+        for where in self.dial_in_addresses:
+            log.info("listening on %s (mutual TLS) for server gateways dialing in", where)
+
+    async def _after_drain(self) -> None:
+        if self.dial_ins is not None:
+            await self.dial_ins.acceptor.drain(0)  # idle pooled connections: closed at once
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
@@ -107,9 +138,35 @@ class ClientGateway(Gateway[ClientConfig]):
             except BaseException:
                 await close_listeners(listeners)  # those of the addresses before
                 raise
+        try:
+            await self._open_reverse_listeners(listeners)
+        except BaseException:
+            await close_listeners(listeners)
+            raise
         return listeners
 
+    async def _open_reverse_listeners(self, listeners: list[TunedListener]) -> None:
+        """Each reverse server's own port, after `listeners`: a connection is told apart
+        by the port it came in on."""
+        taken = {local_address(listener).port for listener in listeners}
+        for pool in self.dial_ins.pools.values() if self.dial_ins else ():
+            opened = await open_tcp_listeners(pool.local.host, pool.local.port)
+            listeners.extend(opened)
+            for listener in opened:
+                bound = local_address(listener)
+                if bound.port in taken - {p for p, q in self._by_port.items() if q is pool}:
+                    raise OSError(f"reverse.servers: port {bound.port} is used twice")
+                taken.add(bound.port)
+                self._by_port[bound.port] = pool
+                self.reverse_addresses.setdefault(pool.name, bound)
+
     def _describe(self, listener: TunedListener) -> str:
+        pool = self._by_port.get(local_address(listener).port)
+        if pool is not None:
+            return (
+                f"{local_name(listener)} (plain USB/IP), server gateway {pool.name} "
+                "(it dials in: reverse mode)"
+            )
         return (
             f"{local_name(listener)} (plain USB/IP), server gateway {self.config.server} "
             f"(TLS name {self.config.server_name})"
@@ -167,16 +224,23 @@ class ClientGateway(Gateway[ClientConfig]):
         if not slot.promote():
             return
         session = Session("client", "", peer_name(stream), time.time())
+        pool = self._pool_of(stream)
         self.sessions[session.id] = session
         self.metrics.session_started(session)
         splice = Splice(self.config.limits, cut_through=True)
-        server = self._server_text()
+        server: object = self._server_text() if pool is None else pool.name
         link: trio.abc.Stream | None = None
-        scope = self._scopes[session.id] = trio.CancelScope()
+        scope = trio.CancelScope()
+        if pool is None:  # a reverse server's sessions do not follow the route
+            self._scopes[session.id] = scope
         try:
             with scope:
                 try:
-                    server_link = await self.connect()
+                    if pool is None:
+                        server_link = await self.connect()
+                    else:
+                        session.dialer = "server"
+                        server_link = await self._take(pool)
                 except HandshakeFailed as exc:
                     why = f"TLS to {server} failed: {exc}{_hint(exc.reason, self.config)}"
                     await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
@@ -185,6 +249,11 @@ class ClientGateway(Gateway[ClientConfig]):
                     why = f"server gateway {server} unreachable: {exc or 'timeout'}"
                     await self._answer_failure(
                         stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, why
+                    )
+                    return
+                except NoDialIn as exc:
+                    await self._answer_failure(
+                        stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, str(exc)
                     )
                     return
                 try:
@@ -205,13 +274,14 @@ class ClientGateway(Gateway[ClientConfig]):
                 )
                 session.compression = "none" if link is server_link else "zstd"
                 log.debug(
-                    "session %d to %s: %s, compression %s",
+                    "session %d to %s (connection dialed by the %s gateway): %s, compression %s",
                     session.id,
                     session.peer,
+                    session.dialer,
                     session.transport,
                     session.compression,
                 )
-                if await self._op_exchange(stream, link, splice, session):
+                if await self._op_exchange(stream, link, splice, session, server):
                     await relay(
                         splice,
                         stream,
@@ -226,14 +296,40 @@ class ClientGateway(Gateway[ClientConfig]):
                     OutcomeKind.CLOSED, "the route to the server gateway changed"
                 )
         finally:
-            del self._scopes[session.id]
+            self._scopes.pop(session.id, None)
             await close_all(stream, *([link] if link is not None else []))
             del self.sessions[session.id]
             self.metrics.session_ended(session)
             log_session_end(log, session)
 
+    def _pool_of(self, stream: trio.SocketStream) -> ServerPool | None:
+        """The reverse server whose local port `stream` came in on (None: forward)."""
+        if not self._by_port:
+            return None
+        try:
+            port = stream.socket.getsockname()[1]
+        except OSError:
+            return None
+        return self._by_port.get(port)
+
+    async def _take(self, pool: ServerPool) -> TlsStream:
+        timeout = self.config.reverse.claim_timeout
+        link = await pool.take(timeout)
+        if link is None:
+            self.metrics.upstream_connect_failed()
+            raise NoDialIn(
+                f"server gateway {pool.name}: no dialed-in connection answered within {timeout:g}s"
+            )
+        self.metrics.upstream_connected()
+        return link
+
     async def _op_exchange(
-        self, local: trio.abc.Stream, link: trio.abc.Stream, splice: Splice, session: Session
+        self,
+        local: trio.abc.Stream,
+        link: trio.abc.Stream,
+        splice: Splice,
+        session: Session,
+        server: object,
     ) -> bool:
         """The op request and its reply, here in Trio: a server gateway that refuses this
         gateway (its certificate) says so on the first read, and the local tool must be
@@ -267,7 +363,6 @@ class ClientGateway(Gateway[ClientConfig]):
             )
             return False
         session.observe(Role.CLIENT, request, trio.current_time())
-        server = self._server_text()
         try:
             await link.send_all(request.raw)
             with trio.fail_after(idle):
@@ -327,6 +422,10 @@ class ClientGateway(Gateway[ClientConfig]):
             if not isinstance(request, ConnectionClosed):
                 session.observe(Role.CLIENT, request, trio.current_time())
                 await _send_error_reply(local, request.event)
+
+
+class NoDialIn(Exception):
+    """No connection of a reverse-mode server gateway was there to take."""
 
 
 _LOST = (trio.BrokenResourceError, trio.ClosedResourceError)

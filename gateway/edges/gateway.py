@@ -5,6 +5,8 @@ runs beside the acceptor, and what it does after draining."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -36,8 +38,11 @@ class Gateway(Generic[Config]):
                 await self._start_services(nursery)
                 await start_http(nursery, self.metrics)
                 if self.config.tls.watch:
-                    nursery.start_soon(watch_tls, self.tls, self.config.tls)
-                await nursery.start(self.acceptor.run, listeners)
+                    for tls in self.tls_contexts():
+                        nursery.start_soon(watch_tls, tls, self.config.tls)
+                await nursery.start(
+                    partial(self.acceptor.run, listeners, sources=self._connection_sources())
+                )
                 self.metrics.listening = True
                 for listener in listeners:
                     self.log.info("listening on %s", self._describe(listener))
@@ -59,6 +64,10 @@ class Gateway(Generic[Config]):
         """Until no connection is open (each one logged and counted)."""
         await self.acceptor.wait_idle()
 
+    def tls_contexts(self) -> list[ReloadableContext]:
+        """Every TLS context built from the certificate files (reloaded together)."""
+        return [self.tls]
+
     # -- what each gateway says
 
     async def _open_listeners(self) -> list[TunedListener]:
@@ -66,6 +75,10 @@ class Gateway(Generic[Config]):
 
     def _describe(self, listener: TunedListener) -> str:
         raise NotImplementedError
+
+    def _connection_sources(self) -> Sequence[Callable[[], Awaitable[None]]]:
+        """Loops that bring connections besides the listeners (none by default)."""
+        return ()
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         """Tasks that run beside the acceptor (none by default)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -19,14 +19,16 @@ import trio
 
 from gateway.accounting.outcome import Outcome, OutcomeKind, protocol_error
 from gateway.accounting.session import Session
-from gateway.config import ServerConfig
+from gateway.config import GatewayRole, ServerConfig
 from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.edges.audit import AuditLog
 from gateway.edges.device_facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
+from gateway.edges.dialer import Dialer, Link
 from gateway.edges.gateway import Gateway
 from gateway.edges.reloading import watch
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.reverse import ReverseMetrics
 from gateway.policy import DeviceFacts, Target
 from gateway.policy.shorthand import shorthand_rules
 from gateway.protocol import (
@@ -134,6 +136,7 @@ class ServerGateway(Gateway[ServerConfig]):
             max_handshakes=config.resources.max_handshakes,
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
+        self.dialers = self._dialers(config)
         if config.policy.file is None and shorthand:
             log.info("policy from the --allow-* shorthands: %s", shorthand.strip())
         elif config.policy.file is None:
@@ -142,10 +145,62 @@ class ServerGateway(Gateway[ServerConfig]):
                 "import every device"
             )
 
+    def _dialers(self, config: ServerConfig) -> list[Dialer]:
+        """Reverse mode: one dialer per client gateway to dial out to."""
+        reverse = config.reverse
+        if not reverse.dial:
+            return []
+        # The same certificate, now as a TLS client: it needs the clientAuth usage too.
+        self.dial_tls = ReloadableContext.client(
+            config.tls.cert,
+            config.tls.key,
+            config.tls.ca,
+            min_version=config.tls.version,
+            crl=config.tls.crl,
+            alpn=alpn_protocols(config.compression.enabled),
+        )
+        reverse_metrics = ReverseMetrics(self.metrics, tuple(str(a) for a in reverse.dial))
+        dialers = [
+            Dialer(
+                target,
+                reverse,
+                self.dial_tls,
+                connect_timeout=config.connect_timeout,
+                handshake_timeout=config.handshake_timeout,
+                mptcp=config.transport.mptcp,
+                identify=self.identify,
+                adopt=self._adopt,
+                metrics=self.metrics,
+                reverse_metrics=reverse_metrics,
+            )
+            for target in reverse.dial
+        ]
+        self.metrics.status_sections["reverse"] = lambda: [d.status() for d in dialers]
+        return dialers
+
+    def _adopt(self, link: Link) -> bool:
+        serve = partial(
+            self.serve_connection,
+            link.stream,
+            link.identity,
+            link.address,
+            link.transport,
+            dialer="server",
+        )
+        return self.acceptor.adopt(serve, link.address)
+
+    def tls_contexts(self) -> list[ReloadableContext]:
+        return [self.tls] + ([self.dial_tls] if self.dialers else [])
+
     # -- lifecycle
+
+    def _connection_sources(self) -> Sequence[Callable[[], Awaitable[None]]]:
+        return [dialer.run for dialer in self.dialers]
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
+        if self.dialers and not self.config.reverse.also_listen:
+            return listeners  # reverse mode: nothing to accept
         try:
             for address in self.config.listen:
                 listeners.extend(
@@ -214,20 +269,35 @@ class ServerGateway(Gateway[ServerConfig]):
         if not slot.promote():  # every session place taken meanwhile (counted, logged)
             await trio.aclose_forcefully(tls_stream)
             return
-        identity = self._identify(tls_stream, address)
+        identity = self.identify(tls_stream, address)
         if identity is None:
             await trio.aclose_forcefully(tls_stream)
             return
+        await self.serve_connection(tls_stream, identity, address, transport, dialer="client")
+
+    async def serve_connection(
+        self,
+        tls_stream: TlsStream,
+        identity: PeerIdentity,
+        address: str,
+        transport: str,
+        *,
+        dialer: GatewayRole,
+    ) -> None:
+        """One session on a verified connection, whichever gateway opened it: `dialer`
+        "client" (accepted here) or "server" (dialed out from here, reverse mode)."""
         session = Session("server", str(identity), address, time.time())
         session.transport = transport
+        session.dialer = dialer
         client = compress_if_negotiated(
             tls_stream, level=self.config.compression.level, on_bytes=self.metrics.compressed
         )
         session.compression = "none" if client is tls_stream else "zstd"
         log.debug(
-            "session %d from %s: %s, compression %s",
+            "session %d from %s (connection dialed by the %s gateway): %s, compression %s",
             session.id,
             identity,
+            dialer,
             session.transport,
             session.compression,
         )
@@ -236,12 +306,14 @@ class ServerGateway(Gateway[ServerConfig]):
         try:
             await self._serve_session(client, identity, session)
         finally:
+            await close_all(client)
             self.metrics.session_ended(session)
             log_session_end(log, session)
             self.audit.record(
                 "session_end",
                 client=identity.as_dict(),
                 address=address,
+                dialer=dialer,
                 request=session.request,
                 device={"busid": session.busid},
                 outcome=session.outcome.detail,
@@ -252,7 +324,7 @@ class ServerGateway(Gateway[ServerConfig]):
             )
             del self.sessions[session.id]
 
-    def _identify(self, stream: TlsStream, address: str) -> PeerIdentity | None:
+    def identify(self, stream: TlsStream, address: str) -> PeerIdentity | None:
         """The client's identity, or None (logged, audited, counted) if its certificate
         is not one: before a session exists, so nothing of it reaches usbipd."""
         try:

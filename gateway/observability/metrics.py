@@ -171,6 +171,14 @@ class GatewayMetrics:
             for t in ("tcp", "mptcp")
             for c in ("none", "zstd")
         }
+        by_dialer = Counter(
+            f"{p}sessions_by_dialer",
+            "Sessions ended, by which gateway opened their connection between the gateways: "
+            "client (the usual way) or server (reverse mode, the device host dialed out).",
+            ["role", "dialer"],
+            registry=registry,
+        )
+        self._sessions_by_dialer = {d: by_dialer.labels(role, d) for d in ("client", "server")}
         self._ops = Counter(
             f"{p}op_requests",
             "USB/IP op requests (devlist, import) by the status of their reply.",
@@ -273,6 +281,7 @@ class GatewayMetrics:
         link = self._sessions_by_transport.get((session.transport, session.compression))
         if link is not None:
             link.inc()
+        self._sessions_by_dialer[session.dialer].inc()
         if outcome.side is not None:
             self._protocol_errors[outcome.side].inc()
         if session.request:
@@ -410,6 +419,7 @@ def _session_status(session: Session) -> dict[str, Any]:
         "rtt_p99_seconds": p99,
         "transport": session.transport,
         "compression": session.compression,
+        "dialer": session.dialer,
     }
 
 

@@ -19,6 +19,7 @@ from gateway.pki.ca import (
     create_ca,
     describe_certificate,
     issue_client_cert,
+    issue_dual_cert,
     issue_server_cert,
     load_ca,
     load_certificate,
@@ -65,7 +66,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         raise PKIError("--name ca would overwrite the CA")
     d = Path(args.dir)
     ca = load_ca(d)
-    issue = issue_server_cert if args.kind == "server" else issue_client_cert
+    issue = {"server": issue_server_cert, "client": issue_client_cert, "both": issue_dual_cert}[
+        args.kind
+    ]
     issued = issue(
         ca,
         common_name=args.cn or name,
@@ -134,7 +137,11 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
     issue = sub.add_parser("issue", help="issue DIR/NAME.pem and DIR/NAME.key from DIR's CA")
     issue.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
     issue.add_argument(
-        "--kind", required=True, choices=("server", "client"), help="what the certificate is for"
+        "--kind",
+        required=True,
+        choices=("server", "client", "both"),
+        help="what the certificate is for; both: serverAuth and clientAuth, for reverse "
+        "mode (docs/reverse-connections.md)",
     )
     issue.add_argument("--name", required=True, help="output file stem")
     issue.add_argument("--cn", help="subject common name (default: NAME)")
