@@ -20,7 +20,7 @@ from gateway.config import ClientConfig, ConfigError, ServerConfig, load
 from gateway.config.flags import add_flags, overrides
 from gateway.edges.client_gateway import ClientGateway
 from gateway.edges.fd_limit import FdLimitError, fit_fd_limit
-from gateway.edges.reloading import reload_tls
+from gateway.edges.reconfigure import ConfigSource
 from gateway.edges.server_gateway import ServerGateway
 from gateway.logs import setup_logging
 from gateway.pki.cli import add_certs_parser
@@ -37,21 +37,27 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
     return overrides(role, args)
 
 
-def reload(gateway: ServerGateway | ClientGateway) -> None:
-    """What SIGHUP does: certificates and CA for new connections, and the policy."""
-    reload_tls(gateway.tls)
+def reload(gateway: ServerGateway | ClientGateway, source: ConfigSource | None = None) -> None:
+    """What SIGHUP does: the configuration file reread (`source`), then the certificates,
+    CA and CRL for new connections, and the policy, from the paths in force."""
+    config = source.reread() if source is not None else None
     if isinstance(gateway, ServerGateway):
-        gateway.reload_policy()
+        gateway.reload(config if isinstance(config, ServerConfig) else None)
+    else:
+        gateway.reload(config if isinstance(config, ClientConfig) else None)
 
 
 async def _signals(
-    gateway: ServerGateway | ClientGateway, cancel: trio.CancelScope, outcome: list[int]
+    gateway: ServerGateway | ClientGateway,
+    cancel: trio.CancelScope,
+    outcome: list[int],
+    source: ConfigSource | None = None,
 ) -> None:
     """SIGHUP: reload. SIGTERM/SIGINT: drain, then stop (exit 1 if the drain timed out)."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                reload(gateway)
+                reload(gateway, source)
             else:
                 log.info(
                     "%s received: no new connections; waiting up to %gs for %d open ones",
@@ -65,10 +71,10 @@ async def _signals(
                 return
 
 
-async def _run(gateway: ServerGateway | ClientGateway) -> int:
+async def _run(gateway: ServerGateway | ClientGateway, source: ConfigSource | None = None) -> int:
     outcome: list[int] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome)
+        nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome, source)
         listeners = await nursery.start(gateway.serve)
         await nursery.start(run_companions, gateway, listeners)
     return outcome[0] if outcome else 0
@@ -87,6 +93,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     setup_logging(config.log.level, config.log.format)
+    source = ConfigSource(args.command, args.config, _overrides(args.command, args), config)
     try:
         fitted = fit_fd_limit(config.max_connections, config.resources.max_handshakes)
     except FdLimitError as exc:
@@ -104,7 +111,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
         return 2
     try:
-        return trio.run(_run, gateway)
+        return trio.run(_run, gateway, source)
     except OSError as exc:
         print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
         return 1

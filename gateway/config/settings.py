@@ -70,6 +70,11 @@ class TLSSettings:
     )
     watch: bool = setting(True, Boolean(), "also reload when one of these files changes on disk")
     watch_interval: float = setting(5.0, Seconds(), "how often the files are looked at")
+    expiry_warning: int = setting(
+        14,
+        Integer(maximum=3650, unit="days"),
+        "warn in the log this long before the certificate, the CA or the CRL expires",
+    )
 
     @property
     def version(self) -> ssl.TLSVersion:

@@ -57,6 +57,7 @@ class ClientGateway(Gateway[ClientConfig]):
         self.metrics = GatewayMetrics.for_client(config)
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
+        self._track_expiry()
         self.acceptor = Acceptor(
             "client gateway",
             self.handle,

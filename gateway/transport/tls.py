@@ -11,11 +11,19 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import trio
 
+from gateway.transport.credentials import (
+    Expiry,
+    Purpose,
+    UnfitCertificate,
+    check_own_certificate,
+    read_expiries,
+)
 from gateway.transport.identity import PeerIdentity, identity_from_der
 from gateway.transport.tls_stream import TlsStream
 
@@ -55,7 +63,11 @@ def _check_version(min_version: ssl.TLSVersion) -> None:
 
 
 def _load(
-    ctx: ssl.SSLContext, cert: FilePath, key: FilePath, ca: FilePath, crl: FilePath | None
+    ctx: ssl.SSLContext,
+    cert: FilePath,
+    key: FilePath,
+    ca: FilePath,
+    crl: FilePath | None,
 ) -> None:
     try:
         ctx.load_verify_locations(cafile=ca)
@@ -65,7 +77,16 @@ def _load(
         _load_crl(ctx, crl)
     try:
         ctx.load_cert_chain(certfile=cert, keyfile=key)
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TLSConfigError(
+                f"the key {os.fspath(key)!r} does not match the certificate {os.fspath(cert)!r}"
+            ) from exc
+        raise TLSConfigError(
+            f"cannot load certificate {os.fspath(cert)!r} with key {os.fspath(key)!r}: "
+            f"{_short(exc)}"
+        ) from exc
+    except OSError as exc:
         raise TLSConfigError(
             f"cannot load certificate {os.fspath(cert)!r} with key {os.fspath(key)!r}: "
             f"{_short(exc)}"
@@ -146,16 +167,29 @@ def client_context(
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """The files a context is built from: this gateway's certificate and key, the CA
+    the peer's certificate must chain to, and optionally the CA's revocation list."""
+
+    cert: FilePath
+    key: FilePath
+    ca: FilePath
+    crl: FilePath | None = None
+
+
 class ReloadableContext:
     """Holds the live SSLContext; `reload()` rebuilds it from the files (SIGHUP).
 
     Connections take `.current` when they start, so a reload affects new connections only.
-    A failed reload raises and leaves `.current` as it was.
+    A failed reload raises and leaves `.current`, `.files` and `.expiries` as they were.
     """
 
-    def __init__(self, factory: Callable[[], ssl.SSLContext]) -> None:
-        self._factory = factory
-        self._current = factory()
+    def __init__(self, build: Callable[[TLSFiles], ssl.SSLContext], files: TLSFiles) -> None:
+        self._build = build
+        self._current = build(files)
+        self.files = files
+        self.expiries = _expiries(files)
         self.generation = 1
 
     @classmethod
@@ -170,9 +204,15 @@ class ReloadableContext:
         crl: FilePath | None = None,
     ) -> ReloadableContext:
         alpn = tuple(alpn)
-        return cls(
-            lambda: server_context(cert, key, ca, min_version=min_version, alpn=alpn, crl=crl)
-        )
+
+        def build(f: TLSFiles) -> ssl.SSLContext:
+            context = server_context(
+                f.cert, f.key, f.ca, min_version=min_version, alpn=alpn, crl=f.crl
+            )
+            _check_own(f, "server")  # after OpenSSL read the files: its errors come first
+            return context
+
+        return cls(build, TLSFiles(cert, key, ca, crl))
 
     @classmethod
     def client(
@@ -186,19 +226,41 @@ class ReloadableContext:
         crl: FilePath | None = None,
     ) -> ReloadableContext:
         alpn = tuple(alpn)
-        return cls(
-            lambda: client_context(cert, key, ca, min_version=min_version, alpn=alpn, crl=crl)
-        )
+
+        def build(f: TLSFiles) -> ssl.SSLContext:
+            context = client_context(
+                f.cert, f.key, f.ca, min_version=min_version, alpn=alpn, crl=f.crl
+            )
+            _check_own(f, "client")  # after OpenSSL read the files: its errors come first
+            return context
+
+        return cls(build, TLSFiles(cert, key, ca, crl))
 
     @property
     def current(self) -> ssl.SSLContext:
         return self._current
 
-    def reload(self) -> ssl.SSLContext:
-        new = self._factory()  # raises TLSConfigError before anything changes
+    def reload(self, files: TLSFiles | None = None) -> ssl.SSLContext:
+        """Rebuild from the same files, or from `files` (paths changed in the config)."""
+        files = files or self.files
+        new = self._build(files)  # raises TLSConfigError before anything changes
         self._current = new  # one assignment: readers see the old or the new, never a mix
+        self.files = files
+        self.expiries = _expiries(files)
         self.generation += 1
         return new
+
+
+def _check_own(files: TLSFiles, purpose: Purpose) -> None:
+    """A gateway's own certificate must fit its role now (a test peer's need not)."""
+    try:
+        check_own_certificate(files.cert, purpose)
+    except UnfitCertificate as exc:
+        raise TLSConfigError(str(exc)) from exc
+
+
+def _expiries(files: TLSFiles) -> tuple[Expiry, ...]:
+    return read_expiries(files.cert, files.ca, files.crl)
 
 
 # --- peer identity -----------------------------------------------------------------------
