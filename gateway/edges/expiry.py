@@ -62,7 +62,7 @@ class ExpiryWarnings:
 def _days(left: dt.timedelta) -> str:
     if left < dt.timedelta(days=1):
         return f"{left.total_seconds() / 3600:.0f} hours"
-    return f"{left.days} days"
+    return f"{left.days} day" if left.days == 1 else f"{left.days} days"
 
 
 async def watch_expiry(warnings: ExpiryWarnings, expiries: Callable[[], Iterable[Expiry]]) -> None:
