@@ -7,7 +7,9 @@ Each of their connections gets its own TLS connection, relayed frame by frame.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
 
 import trio
 
@@ -21,7 +23,8 @@ from gateway.protocol import Splice
 from gateway.relay.budget import BufferBudget
 from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
-from gateway.transport.identity import IdentityRefused
+from gateway.transport.credentials import read_revocations
+from gateway.transport.identity import IdentityRefused, PeerIdentity
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
@@ -40,6 +43,16 @@ from gateway.transport.tls_stream import TlsStream
 log = logging.getLogger("gateway.edges.client_gateway")
 
 
+@dataclass(eq=False)
+class Linked:
+    """A session relayed to the server gateway, and whose certificate that one showed."""
+
+    session: Session
+    server: PeerIdentity
+    scope: trio.CancelScope
+    revoked: Outcome | None = None
+
+
 class ClientGateway(Gateway[ClientConfig]):
     log = log
 
@@ -54,6 +67,7 @@ class ClientGateway(Gateway[ClientConfig]):
             alpn=alpn_protocols(config.compression.enabled),
         )
         self.sessions: dict[int, Session] = {}
+        self.linked: dict[int, Linked] = {}
         self.metrics = GatewayMetrics.for_client(config)
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
@@ -66,6 +80,23 @@ class ClientGateway(Gateway[ClientConfig]):
             max_handshakes=config.resources.max_handshakes,
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
+
+    def _tls_reloaded(self) -> None:
+        """Sessions through a server gateway whose certificate the CRL now revokes are
+        closed: the certificate's key may be in other hands."""
+        crl = self.tls.files.crl
+        if crl is None or not self.linked:
+            return
+        revocations = read_revocations(crl, self.tls.files.ca)
+        for linked in list(self.linked.values()):
+            if revocations.revokes(linked.server):
+                why = (
+                    f"server certificate revoked (serial {linked.server.serial:x} in the CRL "
+                    f"{os.fspath(crl)})"
+                )
+                log.warning("closing session %d: %s", linked.session.id, why)
+                linked.revoked = Outcome(OutcomeKind.DENIED, why)
+                linked.scope.cancel()
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
@@ -137,7 +168,7 @@ class ClientGateway(Gateway[ClientConfig]):
                 await trio.aclose_forcefully(stream)
                 return
             try:
-                session.peer = str(peer_identity(server_link))
+                server_identity = peer_identity(server_link)
             except IdentityRefused as exc:
                 # Only an undecodable certificate: a server's may be a CA's (the client
                 # checks it names the server, which is what matters here).
@@ -147,6 +178,7 @@ class ClientGateway(Gateway[ClientConfig]):
                 )
                 await trio.aclose_forcefully(server_link)
                 return
+            session.peer = str(server_identity)
             session.transport = transport_name(server_link)
             link = compress_if_negotiated(
                 server_link, level=self.config.compression.level, on_bytes=self.metrics.compressed
@@ -159,14 +191,24 @@ class ClientGateway(Gateway[ClientConfig]):
                 session.transport,
                 session.compression,
             )
-            await relay(
-                Splice(self.config.limits),
-                stream,
-                link,
-                session,
-                budget=self.buffers,
-                idle=IdleTimeouts(self.config.op_idle_timeout, self.config.attached_idle_timeout),
-            )
+            with trio.CancelScope() as scope:
+                linked = Linked(session, server_identity, scope)
+                self.linked[session.id] = linked
+                try:
+                    await relay(
+                        Splice(self.config.limits),
+                        stream,
+                        link,
+                        session,
+                        budget=self.buffers,
+                        idle=IdleTimeouts(
+                            self.config.op_idle_timeout, self.config.attached_idle_timeout
+                        ),
+                    )
+                finally:
+                    del self.linked[session.id]
+            if linked.revoked is not None:
+                session.outcome = linked.revoked
         finally:
             await close_all(stream)
             del self.sessions[session.id]
