@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,21 +26,13 @@ from gateway.protocol import Direction
 from gateway.transport.tls import client_context
 from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
+from . import test_cli
 from .test_cli import START_TIMEOUT, Process
 
 LOOPBACK = "127.0.0.1"
 
 
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait()
-        if process.proc.stderr:
-            process.proc.stderr.close()
+processes = test_cli.processes  # the fixture: processes started, killed at the end
 
 
 def certs(*argv: str) -> None:

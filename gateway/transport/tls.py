@@ -12,6 +12,7 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -203,15 +204,7 @@ class ReloadableContext:
         alpn: Sequence[str] = DEFAULT_ALPN,
         crl: FilePath | None = None,
     ) -> ReloadableContext:
-        alpn = tuple(alpn)
-
-        def build(f: TLSFiles) -> ssl.SSLContext:
-            context = server_context(
-                f.cert, f.key, f.ca, min_version=min_version, alpn=alpn, crl=f.crl
-            )
-            _check_own(f, "server")  # after OpenSSL read the files: its errors come first
-            return context
-
+        build = partial(_build, "server", server_context, min_version, tuple(alpn))
         return cls(build, TLSFiles(cert, key, ca, crl))
 
     @classmethod
@@ -225,15 +218,7 @@ class ReloadableContext:
         alpn: Sequence[str] = DEFAULT_ALPN,
         crl: FilePath | None = None,
     ) -> ReloadableContext:
-        alpn = tuple(alpn)
-
-        def build(f: TLSFiles) -> ssl.SSLContext:
-            context = client_context(
-                f.cert, f.key, f.ca, min_version=min_version, alpn=alpn, crl=f.crl
-            )
-            _check_own(f, "client")  # after OpenSSL read the files: its errors come first
-            return context
-
+        build = partial(_build, "client", client_context, min_version, tuple(alpn))
         return cls(build, TLSFiles(cert, key, ca, crl))
 
     @property
@@ -251,12 +236,23 @@ class ReloadableContext:
         return new
 
 
-def _check_own(files: TLSFiles, purpose: Purpose) -> None:
-    """A gateway's own certificate must fit its role now (a test peer's need not)."""
+def _build(
+    purpose: Purpose,
+    make: Callable[..., ssl.SSLContext],
+    min_version: ssl.TLSVersion,
+    alpn: tuple[str, ...],
+    files: TLSFiles,
+) -> ssl.SSLContext:
+    """A gateway's context: OpenSSL reads the files first (its errors come first), then
+    the own certificate must fit the gateway's role now (a test peer's need not)."""
+    context = make(
+        files.cert, files.key, files.ca, min_version=min_version, alpn=alpn, crl=files.crl
+    )
     try:
         check_own_certificate(files.cert, purpose)
     except UnfitCertificate as exc:
         raise TLSConfigError(str(exc)) from exc
+    return context
 
 
 def _expiries(files: TLSFiles) -> tuple[Expiry, ...]:
