@@ -230,3 +230,10 @@ def test_sigterm_exits_1_when_sessions_outlive_the_shutdown_timeout(
         assert server.stop() == 1  # drained for 1 s, then cut: exit status 1
     assert client.stop() == 0
     assert "still open after 1s" in "".join(server.lines)
+
+
+def test_sim_stops_on_sigterm_with_status_0(processes: list[Process]) -> None:
+    # A container's PID 1 has no default action for SIGTERM: the simulator handles it.
+    sim, _ = _start(processes, "sim", "--listen", "127.0.0.1:0")
+    assert sim.stop() == 0
+    assert any("SIGTERM received, stopping" in line for line in sim.lines)

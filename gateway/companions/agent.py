@@ -19,6 +19,7 @@ and `/var/run/vhci_hcd/portN` (`HOST PORT BUSID`, written by `usbip attach`), as
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class Agent:
         *,
         runner: Runner = run_command,
         clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -102,6 +104,8 @@ class Agent:
         self.select = select_policy(settings)
         self.runner = runner
         self.clock = clock
+        self.jitter = jitter  # uniform in [0, 1): spreads the retries of many clients
+        self.vhci_missing = False  # vhci-hcd not loaded at the last look (said once)
         self.link = "starting"  # "up", "down"
         self.last_error = ""
         self.failures = 0  # consecutive failed lists
@@ -125,6 +129,7 @@ class Agent:
             self.attach_to,
             self.select.summary(),
         )
+        self.vhci_loaded()  # said at start, not at the first device
         task_status.started()
         while True:
             wait = await self.round()
@@ -148,9 +153,7 @@ class Agent:
         ) as exc:
             why = str(exc) or type(exc).__name__
             self.failures += 1
-            self.retry_in = min(
-                self.settings.interval * 2 ** (self.failures - 1), self.settings.backoff_max
-            )
+            self.retry_in = self._backoff(self.failures - 1)
             if self.link != "down" or why != self.last_error:
                 log.warning(
                     "agent: server gateway %s unreachable: %s; retrying in %gs",
@@ -169,6 +172,27 @@ class Agent:
         await self.reconcile(devices)
         self._finish_round()
         return self.settings.interval
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential up to `backoff_max`, then between half and all of it at random
+        ("equal jitter"): clients that lost the server together do not retry together."""
+        ceiling = min(self.settings.interval * 2.0**failures, self.settings.backoff_max)
+        return ceiling / 2 + ceiling / 2 * self.jitter()
+
+    def vhci_loaded(self) -> bool:
+        """Whether vhci-hcd is loaded (its platform devices exist): without it every
+        `usbip attach` fails. Said once when it goes missing and once when it is back."""
+        loaded = any(self.settings.vhci.glob("vhci_hcd.*"))
+        if not loaded and not self.vhci_missing:
+            log.error(
+                "agent: vhci-hcd is not loaded (no %s/vhci_hcd.*): nothing is attached "
+                "until it is; run `modprobe vhci-hcd` (or list it in /etc/modules-load.d)",
+                self.settings.vhci,
+            )
+        elif loaded and self.vhci_missing:
+            log.info("agent: vhci-hcd loaded")
+        self.vhci_missing = not loaded
+        return loaded
 
     def _finish_round(self) -> None:
         self.rounds += 1
@@ -208,6 +232,8 @@ class Agent:
             if self.select.decide(ClientFacts(), facts).allowed:
                 wanted.append(facts.busid)
         self.listed = wanted
+        if wanted and not self.vhci_loaded():
+            return
         for busid in wanted:
             stale = self.attached.get(busid)
             if stale is not None:
@@ -240,7 +266,7 @@ class Agent:
         started = trio.current_time()
         status, output = await self.runner(argv)
         if status != 0:
-            delay = min(self.settings.interval * 2**count, self.settings.backoff_max)
+            delay = self._backoff(count)
             self.attach_failures[busid] = (count + 1, trio.current_time() + delay)
             log.error(
                 "agent: attach %s failed (exit status %d: %s); next try in %gs",
@@ -277,6 +303,7 @@ class Agent:
             "last_error": self.last_error,
             "failures": self.failures,
             "retry_in_seconds": self.retry_in,
+            "vhci_loaded": not self.vhci_missing,
             "selected": list(self.listed),
             "attached": [{"busid": b, "port": p} for b, p in sorted(self.attached.items())],
             "attaches": self.attaches,

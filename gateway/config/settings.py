@@ -41,6 +41,7 @@ TLSVersion = Literal["1.2", "1.3"]
 Algorithm = Literal["none", "zstd"]
 BindMethod = Literal["command", "sysfs"]
 METRICS_PORT = 9240
+USBIPD_PORT = 3241  # usbipd behind the server gateway, which has the usual 3240
 MiB = 1024 * 1024
 
 
@@ -110,6 +111,46 @@ class PolicySettings:
         "the access policy (docs/policy.md)",
         flag=Flag("--policy"),
         default_text="none: every client allowed",
+    )
+    # ghostunnel's shorthands: the same policy as the one-line rule file
+    # `allow client-cn one-of { ... }` (docs/policy.md).
+    allow_cn: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients whose certificate's common name is one of these",
+        flag=Flag(
+            "--allow-cn",
+            repeat=True,
+            metavar="NAME",
+            help="allow clients whose certificate's CN is NAME, instead of a policy file "
+            "(repeatable; docs/policy.md)",
+        ),
+        default_text="none",
+    )
+    allow_uri: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients with one of these SAN URIs (e.g. SPIFFE IDs)",
+        flag=Flag(
+            "--allow-uri",
+            repeat=True,
+            metavar="URI",
+            help="allow clients with the SAN URI URI (e.g. a SPIFFE ID), instead of a "
+            "policy file (repeatable)",
+        ),
+        default_text="none",
+    )
+    allow_dns: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients with one of these SAN DNS names",
+        flag=Flag(
+            "--allow-dns",
+            repeat=True,
+            metavar="NAME",
+            help="allow clients with the SAN DNS name NAME, instead of a policy file (repeatable)",
+        ),
+        default_text="none",
     )
     watch: bool = setting(True, Boolean(), "reload when the file changes, as well as on SIGHUP")
     watch_interval: float = setting(2.0, Seconds(), "how often the file is looked at")
@@ -368,10 +409,12 @@ class ServerConfig(GatewayConfig):
         "where to listen; `[::1]:3240` for IPv6",
         flag=Flag("--listen", help="address to listen on (repeatable)", repeat=True),
     )
+    # Not usbipd's own default port: that is where this gateway listens.
     upstream: Address = setting(
-        Address("127.0.0.1", DEFAULT_PORT),
+        Address("127.0.0.1", USBIPD_PORT),
         HostPort(DEFAULT_PORT),
-        "the kernel's usbipd",
+        "the kernel's usbipd, started with `usbipd --tcp-port 3241`; "
+        "one of this gateway's own listen addresses is refused",
         flag=Flag("--upstream"),
     )
     request_timeout: float = setting(

@@ -19,6 +19,7 @@ from gateway.edges.audit import AuditLog
 from gateway.edges.device_facts import StringSource
 from gateway.edges.reloading import FileSignatures
 from gateway.policy import ClientFacts, Decision, DeviceFacts, Policy, PolicyError, Target
+from gateway.policy.shorthand import SOURCE as SHORTHAND_SOURCE
 from gateway.protocol import DeviceInfo, ExportedDevice, InterfaceInfo, OpStatus
 from gateway.transport.identity import PeerIdentity
 
@@ -37,11 +38,14 @@ Request = Literal["devlist", "import"]
 class PolicyFile:
     """The policy in force and the file it came from; `reload` swaps it atomically."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, rules: str = "") -> None:
+        """`rules`: without a file, the rules of the --allow-* shorthands (if any)."""
         self.path = path
         self.generation = 0
         self.files = FileSignatures([path])
-        if path is None:
+        if path is None and rules:
+            self.policy = Policy.parse(rules, SHORTHAND_SOURCE)
+        elif path is None:
             self.policy = Policy.parse(ALLOW_ALL_TEXT, "<no policy: every client allowed>")
         else:
             self.policy = self._read()

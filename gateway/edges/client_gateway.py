@@ -9,32 +9,46 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 
 import trio
 
-from gateway.accounting.outcome import Outcome, OutcomeKind
+from gateway.accounting.outcome import Outcome, OutcomeKind, protocol_error
 from gateway.accounting.session import Session
 from gateway.config import ClientConfig, is_loopback
 from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.gateway import Gateway
 from gateway.observability.metrics import GatewayMetrics
-from gateway.protocol import Splice
+from gateway.protocol import (
+    ConnectionClosed,
+    OpReplyDevlist,
+    OpReplyImport,
+    OpRequestImport,
+    OpStatus,
+    Phase,
+    ProtocolError,
+    Role,
+    Splice,
+)
 from gateway.relay.budget import BufferBudget
-from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, relay
+from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
 from gateway.transport.credentials import read_revocations
 from gateway.transport.identity import IdentityRefused, PeerIdentity
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
+    close_listeners,
     open_tcp,
     open_tcp_listeners,
     transport_name,
 )
 from gateway.transport.tls import (
     HandshakeFailed,
+    HandshakeReason,
     ReloadableContext,
+    failure_reason,
     handshake,
     peer_identity,
 )
@@ -108,7 +122,11 @@ class ClientGateway(Gateway[ClientConfig]):
                     "devices with this gateway's identity",
                     address,
                 )
-            listeners.extend(await open_tcp_listeners(address.host, address.port))
+            try:
+                listeners.extend(await open_tcp_listeners(address.host, address.port))
+            except BaseException:
+                await close_listeners(listeners)  # those of the addresses before
+                raise
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:
@@ -151,21 +169,21 @@ class ClientGateway(Gateway[ClientConfig]):
         session = Session("client", "", peer_name(stream), time.time())
         self.sessions[session.id] = session
         self.metrics.session_started(session)
+        splice = Splice(self.config.limits, cut_through=True)
+        server = self.config.server
+        link: trio.abc.Stream | None = None
         try:
             try:
                 server_link = await self.connect()
             except HandshakeFailed as exc:
-                session.outcome = Outcome(
-                    OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
-                )
-                await trio.aclose_forcefully(stream)
+                why = f"TLS to {server} failed: {exc}{_hint(exc.reason, self.config)}"
+                await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
                 return
             except (OSError, trio.TooSlowError) as exc:
-                session.outcome = Outcome(
-                    OutcomeKind.UPSTREAM_UNREACHABLE,
-                    f"server gateway {self.config.server} unreachable: {exc or 'timeout'}",
+                why = f"server gateway {server} unreachable: {exc or 'timeout'}"
+                await self._answer_failure(
+                    stream, splice, session, OutcomeKind.UPSTREAM_UNREACHABLE, why
                 )
-                await trio.aclose_forcefully(stream)
                 return
             try:
                 server_identity = peer_identity(server_link)
@@ -173,10 +191,9 @@ class ClientGateway(Gateway[ClientConfig]):
                 # Only an undecodable certificate: a server's may be a CA's (the client
                 # checks it names the server, which is what matters here).
                 self.metrics.identity_refused(exc.reason)
-                session.outcome = Outcome(
-                    OutcomeKind.TLS_FAILED, f"TLS to {self.config.server} failed: {exc}"
-                )
                 await trio.aclose_forcefully(server_link)
+                why = f"TLS to {server} failed: {exc}"
+                await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
                 return
             session.peer = str(server_identity)
             session.transport = transport_name(server_link)
@@ -191,26 +208,158 @@ class ClientGateway(Gateway[ClientConfig]):
                 session.transport,
                 session.compression,
             )
-            with trio.CancelScope() as scope:
-                linked = Linked(session, server_identity, scope)
-                self.linked[session.id] = linked
-                try:
-                    await relay(
-                        Splice(self.config.limits),
-                        stream,
-                        link,
-                        session,
-                        budget=self.buffers,
-                        idle=IdleTimeouts(
-                            self.config.op_idle_timeout, self.config.attached_idle_timeout
-                        ),
-                    )
-                finally:
-                    del self.linked[session.id]
-            if linked.revoked is not None:
-                session.outcome = linked.revoked
+            if await self._op_exchange(stream, link, splice, session):
+                with trio.CancelScope() as scope:
+                    linked = Linked(session, server_identity, scope)
+                    self.linked[session.id] = linked
+                    try:
+                        await relay(
+                            splice,
+                            stream,
+                            link,
+                            session,
+                            budget=self.buffers,
+                            # The op phase is behind us (bounded by op_idle_timeout).
+                            idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
+                        )
+                    finally:
+                        del self.linked[session.id]
+                if linked.revoked is not None:
+                    session.outcome = linked.revoked
         finally:
-            await close_all(stream)
+            await close_all(stream, *([link] if link is not None else []))
             del self.sessions[session.id]
             self.metrics.session_ended(session)
             log_session_end(log, session)
+
+    async def _op_exchange(
+        self, local: trio.abc.Stream, link: trio.abc.Stream, splice: Splice, session: Session
+    ) -> bool:
+        """The op request and its reply, here in Trio: a server gateway that refuses this
+        gateway (its certificate) says so on the first read, and the local tool must be
+        told with a failed reply, not a closed connection it reports as success. True:
+        an import succeeded and the URB phase follows."""
+        idle = self.config.op_idle_timeout
+        try:
+            with trio.fail_after(idle):
+                request = await receive_frame(splice, Role.CLIENT, local)
+        except trio.TooSlowError:
+            session.outcome = Outcome(
+                OutcomeKind.TIMEOUT, f"idle: no traffic for {idle:g}s in the op phase"
+            )
+            return False
+        except ProtocolError as exc:
+            session.outcome = protocol_error(Role.CLIENT, exc)
+            return False
+        except _LOST:
+            session.outcome = Outcome(
+                OutcomeKind.CONNECTION_LOST, "connection lost before the request"
+            )
+            return False
+        if isinstance(request, ConnectionClosed):
+            session.outcome = Outcome(OutcomeKind.CLOSED, "closed by client")
+            return False
+        if splice.buffered(Role.CLIENT):
+            # The tools speak again only after the reply: nothing of this is forwarded.
+            session.outcome = protocol_error(
+                Role.CLIENT,
+                f"{splice.buffered(Role.CLIENT)} bytes after the op request, before its reply",
+            )
+            return False
+        session.observe(Role.CLIENT, request, trio.current_time())
+        server = self.config.server
+        try:
+            await link.send_all(request.raw)
+            with trio.fail_after(idle):
+                reply = await receive_frame(splice, Role.SERVER, link)
+        except trio.TooSlowError:
+            failure = Outcome(OutcomeKind.TIMEOUT, f"no reply from {server} within {idle:g}s")
+        except ProtocolError as exc:
+            failure = protocol_error(Role.SERVER, exc)
+        except (*_LOST, OSError) as exc:
+            reason = failure_reason(exc)
+            if reason in ("eof", "other"):
+                failure = Outcome(
+                    OutcomeKind.CONNECTION_LOST,
+                    f"server gateway {server} closed the connection before replying",
+                )
+            else:
+                self.metrics.handshake_failed(reason)
+                failure = Outcome(
+                    OutcomeKind.TLS_FAILED,
+                    f"TLS to {server} failed: the server gateway refused this gateway: "
+                    f"{reason}{_hint(reason, self.config)}",
+                )
+        else:
+            if isinstance(reply, ConnectionClosed):
+                failure = Outcome(
+                    OutcomeKind.CONNECTION_LOST,
+                    f"server gateway {server} closed the connection before replying",
+                )
+            else:
+                session.observe(Role.SERVER, reply, trio.current_time())
+                with suppress(*_LOST):
+                    await local.send_all(reply.raw)
+                if splice.phase is Phase.URB:
+                    return True
+                if isinstance(reply.event, OpReplyDevlist):
+                    session.outcome = Outcome(
+                        OutcomeKind.LISTED, f"listed {len(reply.event.devices)} devices"
+                    )
+                return False
+        session.outcome = failure
+        await _send_error_reply(local, request.event)
+        return False
+
+    async def _answer_failure(
+        self,
+        local: trio.abc.Stream,
+        splice: Splice,
+        session: Session,
+        kind: OutcomeKind,
+        why: str,
+    ) -> None:
+        """The server gateway cannot be had: answer the local request (it is usually
+        there already) with a failed reply, so `usbip` reports a failure."""
+        session.outcome = Outcome(kind, why)
+        with suppress(ProtocolError, *_LOST), trio.move_on_after(self.config.op_idle_timeout):
+            request = await receive_frame(splice, Role.CLIENT, local)
+            if not isinstance(request, ConnectionClosed):
+                session.observe(Role.CLIENT, request, trio.current_time())
+                await _send_error_reply(local, request.event)
+
+
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+# What to look at, by why the TLS connection between the gateways failed.
+_HINTS: dict[HandshakeReason, str] = {
+    "hostname_mismatch": "the server's certificate does not carry the name {name}: set "
+    "--server-name (client.server_name) to a name it carries "
+    "(`usbip-gateway certs show CERT` lists them)",
+    "unknown_ca": "one gateway's certificate is not from the CA the other trusts "
+    "(tls.ca, --ca, on each side)",
+    "certificate_expired": "a certificate has expired (`usbip-gateway certs show CERT`)",
+    "certificate_revoked": "this gateway's certificate is revoked (the server's tls.crl)",
+    "no_certificate": "the server gateway wants this gateway's certificate (--cert, --key)",
+    "bad_certificate": "the server gateway refused this gateway's certificate (see its log)",
+    "protocol_version": "the gateways share no TLS version (tls.min_version)",
+    "not_tls": "{server} does not speak TLS: is it the server gateway, not usbipd?",
+    "timeout": "no handshake within handshake_timeout: is {server} the server gateway?",
+}
+
+
+def _hint(reason: HandshakeReason, config: ClientConfig) -> str:
+    hint = _HINTS.get(reason)
+    return "" if hint is None else "; " + hint.format(name=config.server_name, server=config.server)
+
+
+async def _send_error_reply(local: trio.abc.Stream, request: object) -> None:
+    """A failed reply to `request`: `usbip` reports it ("Unexpected response"), where a
+    bare close would be reported as "Request Completed Successfully"."""
+    reply = (
+        OpReplyImport(OpStatus.ERROR)
+        if isinstance(request, OpRequestImport)
+        else OpReplyDevlist(status=OpStatus.ERROR)
+    )
+    with suppress(*_LOST):
+        await local.send_all(reply.encode())

@@ -17,7 +17,7 @@ from gateway.edges.reconfigure import take_reloadable
 from gateway.edges.reloading import reload_tls, tls_files, watch_tls
 from gateway.observability.http import start_http
 from gateway.observability.metrics import GatewayMetrics
-from gateway.transport.sockets import TunedListener
+from gateway.transport.sockets import TunedListener, close_listeners
 from gateway.transport.tls import ReloadableContext
 
 Config = TypeVar("Config", bound=GatewayConfig)
@@ -40,17 +40,21 @@ class Gateway(Generic[Config]):
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await self._open_listeners()
-        async with trio.open_nursery() as nursery:
-            await self._start_services(nursery)
-            await start_http(nursery, self.metrics)
-            nursery.start_soon(watch_expiry, self.expiry, lambda: self.tls.expiries)
-            if self.config.tls.watch:
-                nursery.start_soon(watch_tls, self.tls, self.config.tls, self.reload_tls)
-            await nursery.start(self.acceptor.run, listeners)
-            self.metrics.listening = True
-            for listener in listeners:
-                self.log.info("listening on %s", self._describe(listener))
-            task_status.started(listeners)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._start_services(nursery)
+                await start_http(nursery, self.metrics)
+                nursery.start_soon(watch_expiry, self.expiry, lambda: self.tls.expiries)
+                if self.config.tls.watch:
+                    nursery.start_soon(watch_tls, self.tls, self.config.tls, self.reload_tls)
+                await nursery.start(self.acceptor.run, listeners)
+                self.metrics.listening = True
+                for listener in listeners:
+                    self.log.info("listening on %s", self._describe(listener))
+                task_status.started(listeners)
+        finally:
+            # Also when something beside them failed to start (a metrics port in use).
+            await close_listeners(listeners)
 
     def reload(self, config: Config | None = None) -> None:
         """What SIGHUP does: the TLS files, from the paths in `config` if given (the

@@ -68,18 +68,20 @@ def take_reloadable(running: AnyConfig, new: GatewayConfig, table: str) -> AnyCo
 
 @dataclasses.dataclass
 class ConfigSource:
-    """Where a gateway's configuration came from: the file and the command-line flags
-    over it. `loaded` is the configuration as last read (before anything adjusted it)."""
+    """Where a gateway's configuration came from: the file, the `USBIP_GATEWAY_*`
+    variables (as at start) and the command-line flags over them. `loaded` is the
+    configuration as last read (before anything adjusted it)."""
 
     role: GatewayRole
     path: Path | None
     overrides: Mapping[str, Any]
+    environ: Mapping[str, str] | None
     loaded: ServerConfig | ClientConfig
 
     def reread(self) -> ServerConfig | ClientConfig | None:
         """The configuration as the file says now, or None (logged) if it does not load."""
         try:
-            new = load(self.role, self.path, self.overrides)
+            new = load(self.role, self.path, self.overrides, self.environ)
         except ConfigError as exc:
             log.error(
                 "configuration reload from %s failed, keeping the running configuration: %s",

@@ -31,6 +31,7 @@ from gateway.edges.reconfigure import take_reloadable
 from gateway.edges.reloading import watch
 from gateway.observability.metrics import GatewayMetrics
 from gateway.policy import DeviceFacts, Target
+from gateway.policy.shorthand import shorthand_rules
 from gateway.protocol import (
     ConnectionClosed,
     DeviceInfo,
@@ -52,6 +53,7 @@ from gateway.transport.identity import IdentityRefused, PeerIdentity, client_ide
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
+    close_listeners,
     open_tcp,
     open_tcp_listeners,
     transport_name,
@@ -114,8 +116,11 @@ class ServerGateway(Gateway[ServerConfig]):
         self.layouts = layouts or (SysfsLayout(sysfs) if sysfs is not None else None)
         self.audit = audit or AuditLog(config.audit.path)
         self.metrics = GatewayMetrics.for_server(config)
+        shorthand = shorthand_rules(
+            config.policy.allow_cn, config.policy.allow_uri, config.policy.allow_dns
+        )
         self.access = AccessControl(
-            PolicyFile(config.policy.file),
+            PolicyFile(config.policy.file, shorthand),
             strings,
             self.audit,
             self._list_upstream,
@@ -134,7 +139,9 @@ class ServerGateway(Gateway[ServerConfig]):
             max_handshakes=config.resources.max_handshakes,
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
-        if config.policy.file is None:
+        if config.policy.file is None and shorthand:
+            log.info("policy from the --allow-* shorthands: %s", shorthand.strip())
+        elif config.policy.file is None:
             log.warning(
                 "no policy file: every client with a valid certificate may list and "
                 "import every device"
@@ -144,12 +151,16 @@ class ServerGateway(Gateway[ServerConfig]):
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
-        for address in self.config.listen:
-            listeners.extend(
-                await open_tcp_listeners(
-                    address.host, address.port, mptcp=self.config.transport.mptcp
+        try:
+            for address in self.config.listen:
+                listeners.extend(
+                    await open_tcp_listeners(
+                        address.host, address.port, mptcp=self.config.transport.mptcp
+                    )
                 )
-            )
+        except BaseException:
+            await close_listeners(listeners)  # those of the addresses before
+            raise
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:
@@ -315,7 +326,7 @@ class ServerGateway(Gateway[ServerConfig]):
     async def _serve_session(
         self, client: trio.abc.Stream, identity: PeerIdentity, session: Session
     ) -> None:
-        splice = Splice(self.config.limits)
+        splice = Splice(self.config.limits, cut_through=True)
         try:
             with trio.fail_after(self.config.request_timeout):
                 request = await receive_frame(splice, Role.CLIENT, client)

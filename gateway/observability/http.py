@@ -21,6 +21,7 @@ import trio
 
 from gateway.config import Address
 from gateway.transport.names import local_address, peer_name
+from gateway.transport.sockets import ListenError
 
 from .connections import ConnectionTable, Slot
 from .endpoints import TEXT, respond
@@ -213,7 +214,10 @@ async def serve_http(
     """Serve the endpoints on `address` until cancelled; `metrics.http_addresses` says
     where (useful with port 0). `status=False`: /status answers 404."""
     limits = limits or HttpLimits(idle_timeout=metrics.settings.idle_timeout)
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as exc:
+        raise ListenError(str(address), exc) from exc
     for listener in listeners:
         bound = local_address(listener)
         metrics.http_addresses.append(bound)

@@ -148,7 +148,9 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     issue = sub.add_parser("issue", help="issue DIR/NAME.pem and DIR/NAME.key from DIR's CA")
     issue.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
-    issue.add_argument("--kind", required=True, choices=("server", "client"))
+    issue.add_argument(
+        "--kind", required=True, choices=("server", "client"), help="what the certificate is for"
+    )
     issue.add_argument("--name", required=True, help="output file stem")
     issue.add_argument("--cn", help="subject common name (default: NAME)")
     for flag, what in (
@@ -156,13 +158,20 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
         ("--ip", "SAN IP address"),
         ("--uri", "SAN URI, e.g. spiffe://example.org/ns/x/sa/y"),
     ):
-        issue.add_argument(flag, action="extend", nargs="+", default=[], metavar="V", help=what)
+        issue.add_argument(
+            flag,
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="V",
+            help=f"{what} (default: none)",
+        )
     issue.add_argument("--days", type=int, default=LEAF_DAYS, help="validity in days")
     issue.add_argument("--force", action="store_true", help="overwrite existing files")
     issue.set_defaults(func=_guarded(_cmd_issue))
 
     demo = sub.add_parser("demo", help="write a throwaway CA, server and client into DIR")
-    demo.add_argument("--dir", required=True)
+    demo.add_argument("--dir", required=True, help="directory for the files")
     demo.add_argument("--force", action="store_true", help="overwrite existing files")
     demo.set_defaults(func=_guarded(_cmd_demo))
 
@@ -178,6 +187,6 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
     crl.set_defaults(func=_guarded(_cmd_crl))
 
     show = sub.add_parser("show", help="print a certificate's subject, SANs, validity")
-    show.add_argument("file")
+    show.add_argument("file", help="a PEM certificate")
     show.set_defaults(func=_guarded(_cmd_show))
     return certs

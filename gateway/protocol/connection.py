@@ -37,6 +37,7 @@ from .events import (
     OpReplyImport,
     OpRequestDevlist,
     OpRequestImport,
+    Payload,
     RetSubmit,
     RetUnlink,
 )
@@ -51,6 +52,7 @@ from .records import (
 from .state import Limits, PendingUrb, Phase, ProtocolState, Role
 
 _U32 = struct.Struct(">I")
+_DIRECTIONS = (Direction.OUT, Direction.IN)
 _BUSID_END = OP_HEADER.size + 32
 
 
@@ -64,19 +66,34 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per frame, and frozen fields cost
 class Frame:
-    """One message as a relay sees it: what it means, its exact bytes, its URB."""
+    """One message as a relay sees it: what it means, its exact bytes, its URB.
 
-    event: Event
-    raw: bytes
+    With cut-through, a bulk or interrupt URB's data is not copied into its event (whose
+    `cut_through` is set): `raw` holds the header and the data read so far, and the rest
+    comes as `Payload` frames as it arrives. `raw` may then be a view of what was received.
+    """
+
+    event: Event | Payload
+    raw: bytes | memoryview
     urb: PendingUrb | None = None
+
+
+PAYLOAD: Final = Payload()
 
 
 def _iso_packets(buf: bytes | bytearray, offset: int, count: int) -> tuple[IsoPacket, ...]:
     unpack = ISO_DESCRIPTOR.unpack_from
     size = ISO_DESCRIPTOR.size
     return tuple(IsoPacket(*unpack(buf, offset + i * size)) for i in range(count))
+
+
+def _view(buf: bytes | bytearray, start: int, end: int) -> bytes | memoryview:
+    """Like `_take`, without copying out of an immutable buffer."""
+    if type(buf) is bytes:
+        return buf if start == 0 and end == len(buf) else memoryview(buf)[start:end]
+    return _take(buf, start, end)
 
 
 def _take(buf: bytes | bytearray, start: int, end: int) -> bytes:
@@ -96,12 +113,16 @@ class _Reader:
     pending becomes the buffer as it is, so a message that fills it is taken uncopied.
     """
 
-    def __init__(self, sender: Role) -> None:
+    def __init__(self, sender: Role, *, cut_through: bool = False) -> None:
         self.sender = sender
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._need = 1  # bytes past `_pos` to wait for before trying again; a hint only
+        self._cut_through = cut_through
+        self.follows = 0  # data bytes of a cut-through frame still to come
+        self._checked = False  # the frame just parsed is a CMD_SUBMIT whose header passed
+        self._parse_urb = self._parse_cmd if sender is Role.CLIENT else self._parse_ret
 
     @property
     def buffered(self) -> int:
@@ -133,20 +154,43 @@ class _Reader:
             self._buf = self._buf[self._pos :]
             self._pos = 0
 
+    def payload(self, state: ProtocolState) -> Frame | NeedData:
+        """The next piece of a cut-through frame's data (`follows` > 0)."""
+        if state.phase is Phase.ERROR:
+            raise RemoteProtocolError("the connection already failed")
+        start = self._pos
+        end = min(len(self._buf), start + self.follows)
+        if end > start:
+            self._pos = end
+            self.follows -= end - start
+            return Frame(PAYLOAD, _view(self._buf, start, end))
+        if self._eof:
+            state.phase = Phase.ERROR
+            raise RemoteProtocolError(
+                f"the {self.sender.value} closed the connection mid-message "
+                f"({self.follows} bytes of data to come)"
+            )
+        return NEED_DATA
+
     def next(
         self, state: ProtocolState, keep_raw: bool
-    ) -> tuple[Event, bytes, PendingUrb | None] | NeedData:
+    ) -> tuple[Event, bytes | memoryview, PendingUrb | None] | NeedData:
         if state.phase is Phase.ERROR:
             raise RemoteProtocolError("the connection already failed")
         if len(self._buf) - self._pos >= self._need:
-            parsed = self._parse(state)
+            # The URB phase goes straight to its parser: this runs for every frame.
+            parsed = self._parse_urb(state) if state.phase is Phase.URB else self._parse(state)
             if parsed is not None:
                 event, end = parsed
                 start = self._pos  # after `_parse`, which may have compacted the buffer
-                raw = _take(self._buf, start, end) if keep_raw else b""
+                raw = _view(self._buf, start, end) if keep_raw else b""
+                urb = state.apply(
+                    self.sender, event, RemoteProtocolError, header_checked=self._checked
+                )
+                # Only once it passed: a refused frame stays unconsumed, never passed on.
                 self._pos = end
                 self._need = 1
-                return event, raw, state.apply(self.sender, event, RemoteProtocolError)
+                return event, raw, urb
         if self._eof:
             left = len(self._buf) - self._pos
             if left:
@@ -262,19 +306,13 @@ class _Reader:
 
     # -- URB phase
 
-    def _urb_command(self) -> int | None:
-        if len(self._buf) - self._pos < URB_HEADER_SIZE:
-            self._need = URB_HEADER_SIZE
-            return None
-        command: int = _U32.unpack_from(self._buf, self._pos)[0]
-        return command
-
     def _parse_cmd(self, state: ProtocolState) -> tuple[Event, int] | None:
-        command = self._urb_command()
-        if command is None:
-            return None
         buf = self._buf
         pos = self._pos
+        if len(buf) - pos < URB_HEADER_SIZE:
+            self._need = URB_HEADER_SIZE
+            return None
+        command = _U32.unpack_from(buf, pos)[0]
         if command == UrbCommand.CMD_SUBMIT:
             (_, seqnum, devid, direction, ep, flags, length, start, np, interval, setup) = (
                 CMD_SUBMIT_HEADER.unpack_from(buf, pos)
@@ -284,10 +322,17 @@ class _Reader:
             reason, iso = state.submit_header_error(ep, direction, np, flags, length)
             if reason is not None:
                 raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
-            direction = Direction(direction)
+            direction = _DIRECTIONS[direction]  # 0 or 1, checked above; an Enum call is slow
+            self._checked = True
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
-            if len(buf) < end:
+            # Bulk and interrupt data is passed on as it arrives; what the gateway reads
+            # (control requests, ISO descriptors) is waited for whole.
+            cut = self._cut_through and direction == Direction.OUT and not iso and ep != 0
+            if cut:
+                self.follows = max(0, end - len(buf))
+                end = data_end = min(end, len(buf))
+            elif len(buf) < end:
                 self._need = end - pos
                 return None
             try:
@@ -302,23 +347,26 @@ class _Reader:
                     number_of_packets=np,
                     interval=interval,
                     setup=setup,
-                    data=_take(buf, pos + URB_HEADER_SIZE, data_end),
+                    data=b"" if cut else _take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if iso else (),
+                    cut_through=cut,
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
+        self._checked = False
         if command == UrbCommand.CMD_UNLINK:
             _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf, pos)
             return CmdUnlink(seqnum, unlink, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the client (expected CMD_*)")
 
     def _parse_ret(self, state: ProtocolState) -> tuple[Event, int] | None:
-        command = self._urb_command()
-        if command is None:
-            return None
         buf = self._buf
         pos = self._pos
+        if len(buf) - pos < URB_HEADER_SIZE:
+            self._need = URB_HEADER_SIZE
+            return None
+        command = _U32.unpack_from(buf, pos)[0]
         if command == UrbCommand.RET_SUBMIT:
             (_, seqnum, devid, direction, ep, status, actual, start, np, errors) = (
                 RET_SUBMIT_HEADER.unpack_from(buf, pos)
@@ -331,7 +379,16 @@ class _Reader:
                 raise RemoteProtocolError(reason)
             data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
-            if len(buf) < end:
+            cut = (
+                self._cut_through
+                and urb.direction == Direction.IN
+                and not urb.iso
+                and urb.setup is None
+            )
+            if cut:
+                self.follows = max(0, end - len(buf))
+                end = data_end = min(end, len(buf))
+            elif len(buf) < end:
                 self._need = end - pos
                 return None
             try:
@@ -342,11 +399,12 @@ class _Reader:
                     start_frame=start,
                     number_of_packets=np,
                     error_count=errors,
-                    data=_take(buf, pos + URB_HEADER_SIZE, data_end),
+                    data=b"" if cut else _take(buf, pos + URB_HEADER_SIZE, data_end),
                     iso_packets=_iso_packets(buf, data_end, np) if urb.iso else (),
                     devid=devid,
                     direction=direction,
                     ep=ep,
+                    cut_through=cut,
                 )
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
@@ -355,17 +413,6 @@ class _Reader:
             _, seqnum, devid, direction, ep, status = RET_UNLINK_HEADER.unpack_from(buf, pos)
             return RetUnlink(seqnum, status, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the server (expected RET_*)")
-
-
-def _next(reader: _Reader, state: ProtocolState, keep_raw: bool) -> Frame | NeedData:
-    try:
-        result = reader.next(state, keep_raw)
-    except ProtocolError:
-        state.phase = Phase.ERROR
-        raise
-    if isinstance(result, NeedData):
-        return result
-    return Frame(*result)
 
 
 class Connection:
@@ -390,8 +437,12 @@ class Connection:
         self._reader.feed(data)
 
     def next_event(self) -> Event | NeedData:
-        result = _next(self._reader, self._state, keep_raw=False)
-        return result if isinstance(result, NeedData) else result.event
+        try:
+            result = self._reader.next(self._state, False)
+        except ProtocolError:
+            self._state.phase = Phase.ERROR
+            raise
+        return result if isinstance(result, NeedData) else result[0]
 
     def send(self, event: Event) -> bytes:
         if isinstance(event, ConnectionClosed):
@@ -401,14 +452,18 @@ class Connection:
 
 
 class Splice:
-    """A relay's view of one connection: both directions, one state."""
+    """A relay's view of one connection: both directions, one state.
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    `cut_through`: a bulk or interrupt URB's data is passed on as it arrives, after its
+    header was checked (see `Frame`), rather than held until the frame is whole.
+    """
+
+    def __init__(self, limits: Limits | None = None, *, cut_through: bool = False) -> None:
         self._state = ProtocolState(limits)
         # Two attributes, not a dict keyed by Role: an Enum's hash is Python code, and
         # this lookup happens twice per frame.
-        self._client = _Reader(Role.CLIENT)
-        self._server = _Reader(Role.SERVER)
+        self._client = _Reader(Role.CLIENT, cut_through=cut_through)
+        self._server = _Reader(Role.SERVER, cut_through=cut_through)
 
     def _reader(self, sender: Role) -> _Reader:
         return self._client if sender is Role.CLIENT else self._server
@@ -429,8 +484,11 @@ class Splice:
 
     def next_frame(self, sender: Role) -> Frame | NeedData:
         state = self._state
+        reader = self._client if sender is Role.CLIENT else self._server
         try:
-            result = (self._client if sender is Role.CLIENT else self._server).next(state, True)
+            if reader.follows:
+                return reader.payload(state)
+            result = reader.next(state, True)
         except ProtocolError:
             state.phase = Phase.ERROR
             raise

@@ -145,6 +145,9 @@ class CmdSubmit:
     setup: bytes = bytes(8)
     data: bytes = b""
     iso_packets: tuple[IsoPacket, ...] = field(default=())
+    # Read by a cut-through `Splice`: `data` is left empty, the frame's bytes carry it
+    # (and the `Payload` frames after it, if it had not all arrived). Never encoded.
+    cut_through: bool = False
 
     def __post_init__(self) -> None:
         # One chained test on the per-URB path; the checks name the culprit on failure.
@@ -176,7 +179,7 @@ class CmdSubmit:
         if len(self.setup) != 8:
             raise LocalProtocolError("setup must be 8 bytes")
         expected = self.transfer_buffer_length if self.direction == Direction.OUT else 0
-        if len(self.data) != expected:
+        if len(self.data) != expected and not (self.cut_through and not self.data):
             raise LocalProtocolError(
                 f"CMD_SUBMIT {self.direction.name} carries {expected} data bytes, "
                 f"not {len(self.data)}"
@@ -185,6 +188,8 @@ class CmdSubmit:
             raise LocalProtocolError("number_of_packets must count the ISO descriptors")
 
     def encode(self) -> bytes:
+        if self.cut_through:
+            raise LocalProtocolError("a cut-through frame is passed on as read, not encoded")
         head = CMD_SUBMIT_HEADER.pack(
             UrbCommand.CMD_SUBMIT,
             self.seqnum,
@@ -219,6 +224,8 @@ class RetSubmit:
     devid: int = 0
     direction: int = 0
     ep: int = 0
+    # As CmdSubmit's, for IN data.
+    cut_through: bool = False
 
     def __post_init__(self) -> None:
         if not (
@@ -253,6 +260,8 @@ class RetSubmit:
             raise LocalProtocolError("number_of_packets must count the ISO descriptors")
 
     def encode(self) -> bytes:
+        if self.cut_through:
+            raise LocalProtocolError("a cut-through frame is passed on as read, not encoded")
         head = RET_SUBMIT_HEADER.pack(
             UrbCommand.RET_SUBMIT,
             self.seqnum,
@@ -324,6 +333,11 @@ class RetUnlink:
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The peer closed its end at a frame boundary."""
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """More of a cut-through frame's data, in `Frame.raw` (only a `Splice` makes these)."""
 
 
 OpEvent = OpRequestDevlist | OpReplyDevlist | OpRequestImport | OpReplyImport

@@ -188,24 +188,35 @@ class ProtocolState:
             return f"number_of_packets {np} on {kind.name.lower()} {where}"
         return "a scatter-gather URB with no buffer (usbip-host drops the connection)"
 
-    def apply(self, sender: Role, event: Event, error: type[ProtocolError]) -> PendingUrb | None:
+    def apply(
+        self,
+        sender: Role,
+        event: Event,
+        error: type[ProtocolError],
+        *,
+        header_checked: bool = False,
+    ) -> PendingUrb | None:
         """Check `event` from `sender` against the state and advance it.
 
         Returns the URB the event submitted, completed or unlinked, if any.
+        `header_checked`: a reader already applied `submit_header_error` to this
+        CMD_SUBMIT's header against this state (the per-URB path does it once).
         """
         try:
-            return self._apply(sender, event, error)
+            return self._apply(sender, event, error, header_checked)
         except ProtocolError:
             self.phase = Phase.ERROR
             raise
 
-    def _apply(self, sender: Role, event: Event, error: type[ProtocolError]) -> PendingUrb | None:
+    def _apply(
+        self, sender: Role, event: Event, error: type[ProtocolError], header_checked: bool
+    ) -> PendingUrb | None:
         phase = self.phase
         kind = type(event)
         if phase is Phase.URB:
             if sender is Role.CLIENT:
                 if kind is CmdSubmit:
-                    return self._submit(event, error)  # type: ignore[arg-type]
+                    return self._submit(event, error, header_checked)  # type: ignore[arg-type]
                 if kind is CmdUnlink:
                     return self._unlink(event, error)  # type: ignore[arg-type]
             else:
@@ -259,20 +270,24 @@ class ProtocolState:
         if len(self.pending) + len(self._unlinks) >= self.limits.max_pending_urbs:
             raise error(f"more than {self.limits.max_pending_urbs} URBs in flight")
 
-    def _submit(self, event: CmdSubmit, error: type[ProtocolError]) -> PendingUrb:
+    def _submit(
+        self, event: CmdSubmit, error: type[ProtocolError], header_checked: bool
+    ) -> PendingUrb:
         self._check_devid(event.devid, error)
         self._check_new_seqnum(event.seqnum, error)
-        reason, iso = self.submit_header_error(
-            event.ep,
-            event.direction,
-            event.number_of_packets,
-            event.transfer_flags,
-            event.transfer_buffer_length,
-        )
-        if reason is not None:
-            raise error(reason)
+        if not header_checked:
+            reason, _ = self.submit_header_error(
+                event.ep,
+                event.direction,
+                event.number_of_packets,
+                event.transfer_flags,
+                event.transfer_buffer_length,
+            )
+            if reason is not None:
+                raise error(reason)
         kind = self.layout.transfer_type(event.ep, event.direction)
         assert kind is not None
+        iso = kind is TransferType.ISOCHRONOUS
         np = event.number_of_packets
         if iso:
             if len(event.iso_packets) != np:
@@ -316,7 +331,7 @@ class ProtocolState:
         if reason is not None:
             raise error(reason)
         expected = event.actual_length if urb.direction == Direction.IN else 0
-        if len(event.data) != expected:
+        if len(event.data) != expected and not (event.cut_through and not event.data):
             raise error(f"RET_SUBMIT {urb.direction.name} carries {expected} data bytes")
         if urb.iso:
             np = event.number_of_packets

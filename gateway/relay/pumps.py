@@ -1,9 +1,11 @@
 """Relaying one USB/IP connection between two streams while parsing every frame.
 
-Two pumps share one `Splice`: each reads what its side sends, cuts it into frames,
-and forwards whole frames only, so nothing reaches the far side before it parsed and
-passed the checks. Backpressure is the send: a pump reads no more while the other end
-is not taking what it has.
+Two pumps share one `Splice`: each reads what its side sends, cuts it into frames and
+forwards what passed, so no header reaches the far side before it was parsed and
+checked. A bulk or interrupt URB's data follows its header as it arrives (cut-through);
+a control transfer or an ISO frame, which the gateway reads, goes on once whole.
+Backpressure is the send: a pump reads no more while the other end is not taking what
+it has.
 
 The pumps run in two OS threads per session (`gateway.transport.blocking`: TCP, MPTCP,
 TLS on the standard library's SSLSocket, zstd above TLS), since each URB crosses a
@@ -70,18 +72,20 @@ def _over_budget(sender: Role, exc: OverBudget) -> Outcome:
 
 
 def cut_frames(
-    splice: Splice, sender: Role, data: bytes | bytearray, observe: Observe, now: float
-) -> tuple[bytes, bool, ProtocolError | None]:
-    """Feed one read from `sender` to `splice` and account its whole frames.
+    splice: Splice, sender: Role, data: bytes, observe: Observe, now: float
+) -> tuple[bytes | memoryview, bool, ProtocolError | None, int]:
+    """Feed one read from `sender` to `splice` and account the frames (and pieces) in it.
 
-    Returns the bytes to forward (those frames, joined for one write: fewer syscalls
-    and TLS records), whether `sender` closed, and the error that stopped parsing, if
-    any: the frames before it still go through, as they would had they come earlier.
+    Returns the bytes to forward (those frames, for one write: fewer syscalls and TLS
+    records), whether `sender` closed, the error that stopped parsing, if any (the
+    frames before it still go through, as they would had they come earlier), and how
+    many bytes of `sender` the splice holds back (a partial header, a control transfer).
     """
-    out: list[bytes] = []
+    out: list[bytes | memoryview] = []
     closed = False
     error: ProtocolError | None = None
     next_frame = splice.next_frame
+    held = splice.buffered(sender)
     try:
         splice.receive_data(sender, data)
         while True:
@@ -95,7 +99,12 @@ def cut_frames(
             out.append(frame.raw)
     except ProtocolError as exc:
         error = exc
-    return (out[0] if len(out) == 1 else b"".join(out)), closed, error
+    left = splice.buffered(sender)
+    if not held:
+        # The frames are the front of `data`, in order: pass that on as it is.
+        passed = len(data) - left
+        return (data if passed == len(data) else memoryview(data)[:passed]), closed, error, left
+    return (out[0] if len(out) == 1 else b"".join(out)), closed, error, left
 
 
 # Frames are parsed and accounted to their session under its Splice's lock (both pumps of
@@ -121,16 +130,14 @@ def forward(
     `lock` guards `splice` against the other direction's thread; `holding` counts the
     partial frames held against the gateway's budget (OverBudget past it)."""
     observe = session.observe
-    buffered = splice.buffered
     while True:
         data = source.recv()
         now = clock()
         if activity is not None:
             activity.at = now
         with lock:
-            out, closed, error = cut_frames(splice, sender, data, observe, now)
-            held = buffered(sender)
-        if holding is not None and held != holding.held:  # whole frames: nothing to do
+            out, closed, error, held = cut_frames(splice, sender, data, observe, now)
+        if holding is not None and held != holding.held:  # nothing held back: nothing to do
             holding.update(held)
         if out:
             sink.send(out)

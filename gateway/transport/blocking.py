@@ -48,6 +48,19 @@ _READ, _WRITE = select.POLLIN, select.POLLOUT
 _FLUSH_POLL_MS = 50
 
 
+# Receive buffers not in use. list.append and list.pop are atomic under the GIL, so
+# threads share it without a lock; past `_POOLED_BUFFERS` spares, a buffer is dropped.
+_BUFFERS: list[memoryview] = []
+_POOLED_BUFFERS = 16
+
+
+def _take_buffer() -> memoryview:
+    try:
+        return _BUFFERS.pop()
+    except IndexError:
+        return memoryview(bytearray(RECEIVE_SIZE))
+
+
 class LinkBroken(Exception):
     """The connection failed (reset, TLS error, aborted); the message says how."""
 
@@ -96,14 +109,13 @@ class SocketEnd:
         self._stopped = False
         self._aborted = False
         self._error: LinkBroken | None = None  # after bytes read before it: next call
-        self._buffer = memoryview(b"")
         # The last read found nothing more: wait before reading (saves a failing call).
-        self._drained = False
+        # Set at first too: a session's first bytes come after its handshake or import.
+        self._drained = True
         self._pollers: dict[tuple[int, bool], select.poll] = {}
 
     def start(self, wakeup: Wakeup) -> None:
         self._wakeup = wakeup
-        self._buffer = memoryview(bytearray(RECEIVE_SIZE))
         self._pollers = {
             (_READ, True): self._poller(_READ, wakeup),  # the reader's
             (_WRITE, True): self._poller(_WRITE, wakeup),  # the writer's
@@ -118,8 +130,7 @@ class SocketEnd:
         return poller
 
     def finish(self) -> None:
-        """The threads are done: close what is ours, release the buffer."""
-        self._buffer = memoryview(b"")
+        """The threads are done: close what is ours."""
         if self._owned:
             close_socket(self.sock)
 
@@ -155,48 +166,61 @@ class SocketEnd:
         poller.poll()
 
     def recv(self) -> bytes:
-        """Whatever arrived (at least one byte), or b"" at the end of the stream."""
+        """Whatever arrived (at least one byte), or b"" at the end of the stream.
+
+        The receive buffer is borrowed from a pool shared by every endpoint only while
+        bytes are being read, never while waiting: idle sessions hold none."""
         if self._error is not None:
             raise self._error
-        view = self._buffer
+        view: memoryview | None = None
         got = 0
-        while True:
-            if self._stopped:
-                return b""
-            if self._drained:
-                self._drained = False
-                self._wait(_READ, reading=True)
-                continue
-            try:
-                count, want = self._read_into(view[got:])
-            except LinkBroken as exc:
-                if not got:
-                    raise
-                self._error = exc
-                break
-            if want:
-                if got:
-                    self._drained = want == _READ
+        try:
+            while True:
+                if self._stopped:
+                    return b""
+                if self._drained:
+                    self._drained = False
+                    self._wait(_READ, reading=True)
+                    continue
+                if view is None:
+                    view = _take_buffer()
+                try:
+                    count, want = self._read_into(view[got:])
+                except LinkBroken as exc:
+                    if not got:
+                        raise
+                    self._error = exc
                     break
-                self._wait(want, reading=True)
-                continue
-            if count == 0 or not self._tls:
-                got += count
-                # All the kernel had (one call), unless it filled the buffer.
-                self._drained = 0 < count < len(view)
-                break
-            got += count  # a TLS record: more may follow without waiting
-            if got == len(view):
-                break
-            if count < TLS_RECORD_SIZE:
-                # Read whole (it fitted) and shorter than a full record: most likely the
-                # end of the peer's write. Wait for more rather than try a read that
-                # fails; nothing of it stays inside OpenSSL, so `poll` sees what comes.
-                self._drained = True
-                break
-        # Copied to its exact size: `recv(size)` would allocate `size` bytes and shrink
-        # them each time, which fragments the heap of a process whose threads all do it.
-        return view[:got].tobytes()
+                if want:
+                    if got:
+                        self._drained = want == _READ
+                        break
+                    _BUFFERS.append(view)  # back to the pool while waiting
+                    view = None
+                    self._wait(want, reading=True)
+                    continue
+                if count == 0 or not self._tls:
+                    got += count
+                    # All the kernel had (one call), unless it filled the buffer.
+                    self._drained = 0 < count < len(view)
+                    break
+                got += count  # a TLS record: more may follow without waiting
+                if got == len(view):
+                    break
+                if count < TLS_RECORD_SIZE:
+                    # Read whole (it fitted) and shorter than a full record: most likely
+                    # the end of the peer's write. Wait for more rather than try a read
+                    # that fails; nothing of it stays inside OpenSSL, so `poll` sees
+                    # what comes.
+                    self._drained = True
+                    break
+            # Copied to its exact size: `recv(size)` would allocate `size` bytes and
+            # shrink them each time, which fragments the heap of a process whose threads
+            # all do it.
+            return view[:got].tobytes() if view is not None else b""
+        finally:
+            if view is not None and len(_BUFFERS) < _POOLED_BUFFERS:
+                _BUFFERS.append(view)
 
     def _read_into(self, view: memoryview) -> tuple[int, int]:
         """(bytes read, 0) or (0, the poll events to wait for)."""
@@ -216,7 +240,7 @@ class SocketEnd:
         except OSError as exc:
             raise LinkBroken(_describe(exc)) from exc
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         with memoryview(data) as view:
             sent, total = 0, len(view)
             while sent < total:
@@ -286,7 +310,7 @@ class ZstdSocketEnd:
         except CompressionError as exc:
             raise LinkBroken(f"zstd: {exc}") from exc
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         assert self._encoder is not None, "start() first"
         encoded = self._encoder.encode(data)
         if self._on_bytes is not None:

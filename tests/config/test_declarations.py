@@ -24,7 +24,15 @@ COMMON_FLAGS = {
     "--compression-level", "--mptcp",
 }  # fmt: skip
 ROLE_FLAGS = {
-    "server": {"--upstream", "--request-timeout", "--policy", "--audit-log"},
+    "server": {
+        "--upstream",
+        "--request-timeout",
+        "--policy",
+        "--allow-cn",
+        "--allow-uri",
+        "--allow-dns",
+        "--audit-log",
+    },
     "client": {"--server", "--server-name", "--agent"},
 }
 

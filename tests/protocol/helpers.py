@@ -161,8 +161,12 @@ class Trio:
     splice: Splice
 
     @classmethod
-    def new(cls, limits: Limits | None = None) -> Trio:
-        return cls(Connection(Role.CLIENT, limits), Connection(Role.SERVER, limits), Splice(limits))
+    def new(cls, limits: Limits | None = None, *, cut_through: bool = False) -> Trio:
+        return cls(
+            Connection(Role.CLIENT, limits),
+            Connection(Role.SERVER, limits),
+            Splice(limits, cut_through=cut_through),
+        )
 
     def end(self, role: Role) -> Connection:
         return self.client if role is Role.CLIENT else self.server
@@ -200,9 +204,13 @@ class Trio:
 
 
 def imported_trio(
-    limits: Limits | None = None, info: DeviceInfo | None = None, *, enumerate: bool = True
+    limits: Limits | None = None,
+    info: DeviceInfo | None = None,
+    *,
+    enumerate: bool = True,
+    cut_through: bool = False,
 ) -> Trio:
-    trio = Trio.new(limits)
+    trio = Trio.new(limits, cut_through=cut_through)
     trio.import_device(info, enumerate=enumerate)
     return trio
 

@@ -27,13 +27,22 @@ from gateway.protocol import (
     OpReplyImport,
     OpRequestImport,
     OpStatus,
+    Payload,
     ProtocolError,
     RetSubmit,
     Role,
     Splice,
 )
 
-from .helpers import DEVID, PROFILE, config_descriptor, device, enumeration_steps, setup_packet
+from .helpers import (
+    DEVID,
+    PROFILE,
+    chunked,
+    config_descriptor,
+    device,
+    enumeration_steps,
+    setup_packet,
+)
 from .kernel_model import AltSpec, StubModel, VhciModel, VhciUrb
 
 C, S = Role.CLIENT, Role.SERVER
@@ -82,9 +91,11 @@ def streams(draw: st.DrawFn) -> bytes:
     return b"".join(draw(pieces(100 + i)) for i in range(count))
 
 
-def splice_frames(stream: bytes) -> list[tuple[int, int]]:
+def splice_frames(
+    stream: bytes, *, cut_through: bool = False, cuts: list[int] | None = None
+) -> list[tuple[int, int]]:
     """Where the gateway cuts `stream`, answering each URB at once as usbip-host would."""
-    splice = Splice()
+    splice = Splice(cut_through=cut_through)
     info = device()
     steps = [
         (C, header_op_import(info.busid)),
@@ -98,7 +109,7 @@ def splice_frames(stream: bytes) -> list[tuple[int, int]]:
             splice.receive_data(S, ret.encode())
             splice.next_frame(S)
 
-    return cut(splice, steps, C, stream, answer)
+    return cut(splice, steps, C, stream, answer, cuts=cuts)
 
 
 def cut(
@@ -107,26 +118,42 @@ def cut(
     sender: Role,
     stream: bytes,
     answer: Callable[[Frame], None] = lambda frame: None,
+    *,
+    cuts: list[int] | None = None,
 ) -> list[tuple[int, int]]:
     """Where `splice`, after `steps`, cuts `stream` from `sender` (`answer` sees each
-    frame), up to the first error or the end."""
+    frame), up to the first error or the end; fed in pieces at `cuts` if given.
+
+    A cut-through frame's pieces are joined into one; one left unfinished at the end
+    is not counted (its data so far is what the kernel would also have read)."""
     for step_sender, raw in steps:
         splice.receive_data(step_sender, raw)
         assert splice.next_frame(step_sender) is not NEED_DATA
-    splice.receive_data(sender, stream)
     frames: list[tuple[int, int]] = []
     pos = 0
-    while True:
-        try:
-            frame = splice.next_frame(sender)
-        except ProtocolError:
-            return frames
-        if not isinstance(frame, Frame):
-            return frames
-        size = len(frame.raw)
-        frames.append((pos, pos + size))
-        pos += size
-        answer(frame)
+    frame_end = 0  # where the last frame ends once whole
+    for piece in chunked(stream, cuts or []):
+        splice.receive_data(sender, piece)
+        while True:
+            try:
+                frame = splice.next_frame(sender)
+            except ProtocolError:
+                return frames
+            if not isinstance(frame, Frame):
+                break
+            size = len(frame.raw)
+            if isinstance(frame.event, Payload):
+                frames[-1] = (frames[-1][0], pos + size)
+            else:
+                frames.append((pos, pos + size))
+                frame_end = pos + size
+                if isinstance(frame.event, CmdSubmit) and frame.event.cut_through:
+                    frame_end = pos + 48 + frame.event.transfer_buffer_length
+                answer(frame)
+            pos += size
+    if frames and frames[-1][1] < frame_end:
+        frames.pop()
+    return frames
 
 
 def header_op_import(busid: str) -> bytes:
@@ -156,6 +183,21 @@ def assert_same_cut(stream: bytes) -> None:
 @given(streams())
 def test_every_frame_passed_is_the_command_usbip_host_reads(stream: bytes) -> None:
     assert_same_cut(stream)
+
+
+@PROFILE
+@given(streams(), st.lists(st.integers(0, 1200), max_size=12))
+def test_cut_through_in_any_pieces_cuts_where_usbip_host_reads(
+    stream: bytes, cuts: list[int]
+) -> None:
+    """The gateways' Splice passes bulk data on as it arrives: joined up, its frames are
+    still exactly the commands usbip-host reads, whatever the reads were."""
+    gateway = splice_frames(stream, cut_through=True, cuts=cuts)
+    kernel = kernel_frames(stream)
+    n = min(len(gateway), len(kernel.frames))
+    assert gateway[:n] == kernel.frames[:n], (gateway, kernel.frames)
+    if len(gateway) > len(kernel.frames):
+        assert kernel.closed is not None, (gateway, kernel.frames)
 
 
 def test_payload_for_an_absent_endpoint_is_not_forwarded() -> None:
