@@ -19,15 +19,22 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.cli import main
-from gateway.pki.ca import fingerprint_sha256, issue_server_cert, load_ca, write_issued
+from gateway.pki.ca import (
+    fingerprint_sha256,
+    issue_server_cert,
+    load_ca,
+    make_crl,
+    write_issued,
+)
 from gateway.protocol import Direction
 from gateway.transport.tls import client_context
 from gateway.usbip.importer import ImportedDevice, import_device, list_devices
 
 from . import test_cli
-from .test_cli import START_TIMEOUT, Process
+from .test_cli import READY, START_TIMEOUT, Process
 
 LOOPBACK = "127.0.0.1"
 
@@ -91,10 +98,13 @@ class Follow:
 
 
 def start(processes: list[Process], *args: str) -> tuple[Follow, int]:
+    """A started process, and the port from its own `listening on` line."""
     process = Process(*args)
     processes.append(process)
-    port = process.wait_ready()
-    return Follow(process), port
+    follow = Follow(process)
+    match = READY.search(follow.expect(READY.pattern))
+    assert match is not None
+    return follow, int(match.group(2))
 
 
 async def probe(port: int, d: Path, name: str) -> tuple[str, list[str]]:
@@ -301,3 +311,37 @@ def test_sighup_closes_the_attached_sessions_of_a_revoked_certificate(
     ends = {r["device"]["busid"]: r["outcome"] for r in records if r["event"] == "session_end"}
     assert ends["1-1"].startswith("client certificate revoked")
     assert "revoked" not in ends["1-2"]
+
+
+# --- warned at start -----------------------------------------------------------------------
+
+
+def test_start_warns_of_an_expired_crl_and_a_ca_near_its_end(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    d = tmp_path / "short"
+    certs("init", "--dir", str(d), "--days", "10")
+    certs("issue", "--dir", str(d), "--kind", "server", "--name", "server", "--dns", "localhost")
+    ca = load_ca(d)
+    stale = make_crl(ca, [], days=1, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    (d / "crl.pem").write_bytes(stale.public_bytes(Encoding.PEM))
+    server, _ = start(
+        processes,
+        "server",
+        "--listen", f"{LOOPBACK}:0",
+        "--cert", str(d / "server.pem"),
+        "--key", str(d / "server.key"),
+        "--ca", str(d / "ca.pem"),
+        "--crl", str(d / "crl.pem"),
+    )  # fmt: skip
+    text = "".join(server.process.lines)  # logged before it says it listens
+    assert re.search(
+        r"ERROR gateway\.expiry: the CRL .*crl\.pem expired on .*every client is refused", text
+    )
+    assert re.search(
+        r"WARNING gateway\.expiry: the CA certificate .*ca\.pem expires in 9 days", text
+    )
+    assert re.search(
+        r"WARNING gateway\.expiry: this gateway's certificate .*server\.pem expires in 9 days", text
+    )
+    assert server.stop() == 0
