@@ -167,6 +167,7 @@ def _issue_dated(d: Path, name: str, start: dt.datetime, days: int) -> None:
         ("ca", "ca", r"certificate '.*ca\.pem' is a CA certificate, not a server gateway's"),
         ("server", "server2", r"the key '.*server2\.key' does not match the certificate"),
     ],
+    ids=["expired", "not-yet-valid", "client-certificate", "ca-certificate", "other-key"],
 )
 def test_the_server_refuses_to_start_with_an_unfit_certificate(
     ca_dir: Path, cert: str, key: str, message: str
