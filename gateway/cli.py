@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from gateway.config import ClientConfig, ServerConfig
     from gateway.edges.client_gateway import ClientGateway
+    from gateway.edges.reconfigure import ConfigSource
     from gateway.edges.server_gateway import ServerGateway
 
 # The heavy modules (Trio, ssl, Prometheus, zstandard, zeroconf) are imported by the
@@ -42,19 +44,24 @@ def _overrides(role: str, args: argparse.Namespace) -> dict[str, Any]:
     return overrides(role, args)
 
 
-def reload(gateway: ServerGateway | ClientGateway) -> None:
-    """What SIGHUP does: certificates and CA for new connections, and the policy."""
-    from gateway.edges.reloading import reload_tls  # noqa: PLC0415
+def reload(gateway: ServerGateway | ClientGateway, source: ConfigSource | None = None) -> None:
+    """What SIGHUP does: the configuration file reread (`source`), then the certificates,
+    CA and CRL for new connections, and the policy, from the paths in force."""
+    from gateway.config import ClientConfig, ServerConfig  # noqa: PLC0415
     from gateway.edges.server_gateway import ServerGateway  # noqa: PLC0415
 
-    for tls in gateway.tls_contexts():
-        reload_tls(tls)
+    config = source.reread() if source is not None else None
     if isinstance(gateway, ServerGateway):
-        gateway.reload_policy()
+        gateway.reload(config if isinstance(config, ServerConfig) else None)
+    else:
+        gateway.reload(config if isinstance(config, ClientConfig) else None)
 
 
 async def _signals(
-    gateway: ServerGateway | ClientGateway, cancel: trio.CancelScope, outcome: list[int]
+    gateway: ServerGateway | ClientGateway,
+    cancel: trio.CancelScope,
+    outcome: list[int],
+    source: ConfigSource | None = None,
 ) -> None:
     """SIGHUP: reload. SIGTERM/SIGINT: drain, then stop (exit 1 if the drain timed out)."""
     import trio  # noqa: PLC0415
@@ -62,7 +69,7 @@ async def _signals(
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                reload(gateway)
+                reload(gateway, source)
             else:
                 log.info(
                     "%s received: no new connections; waiting up to %gs for %d open ones",
@@ -76,14 +83,14 @@ async def _signals(
                 return
 
 
-async def _run(gateway: ServerGateway | ClientGateway) -> int:
+async def _run(gateway: ServerGateway | ClientGateway, source: ConfigSource | None = None) -> int:
     import trio  # noqa: PLC0415
 
     from gateway.companions.agent import run_companions  # noqa: PLC0415
 
     outcome: list[int] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome)
+        nursery.start_soon(_signals, gateway, nursery.cancel_scope, outcome, source)
         listeners = await nursery.start(gateway.serve)
         await nursery.start(run_companions, gateway, listeners)
         if gateway.config.nmos.enabled:
@@ -111,6 +118,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.config import ServerConfig  # noqa: PLC0415
     from gateway.edges.client_gateway import ClientGateway  # noqa: PLC0415
     from gateway.edges.fd_limit import FdLimitError, fit_fd_limit  # noqa: PLC0415
+    from gateway.edges.reconfigure import ConfigSource  # noqa: PLC0415
     from gateway.edges.server_gateway import ServerGateway  # noqa: PLC0415
     from gateway.logs import setup_logging  # noqa: PLC0415
     from gateway.policy import PolicyError  # noqa: PLC0415
@@ -121,6 +129,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
+    # What SIGHUP rereads: the same file, variables and flags.
+    source = ConfigSource(
+        args.command, args.config, _overrides(args.command, args), dict(os.environ), config
+    )
     try:
         fitted = fit_fd_limit(config.max_connections, config.resources.max_handshakes)
     except FdLimitError as exc:
@@ -138,7 +150,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         print(f"usbip-gateway {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return trio.run(_run, gateway)
+        return trio.run(_run, gateway, source)
     except (OSError, BaseExceptionGroup) as exc:
         problems = leaves(exc)
         if not all(isinstance(problem, OSError) for problem in problems):

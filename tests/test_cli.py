@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,18 +38,24 @@ class Process:
 
     def wait_ready(self) -> int:
         """The port from the process's own `listening on` line (it may have asked for 0)."""
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([self.proc.stderr], [], [], 1.0)
-            if not readable:
-                continue
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if match := READY.search(line):
-                return int(match.group(2))
+        stderr = self.proc.stderr
+        assert stderr is not None
+        ports: list[int] = []
+
+        def read() -> None:
+            # Line by line in a thread: select() on the pipe misses a line that an earlier
+            # readline() already pulled into the reader's buffer.
+            for line in stderr:
+                self.lines.append(line)
+                if match := READY.search(line):
+                    ports.append(int(match.group(2)))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT)
+        if ports:
+            return ports[0]
         raise AssertionError("not listening in time:\n" + "".join(self.lines))
 
     def stop(self) -> int:

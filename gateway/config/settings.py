@@ -70,10 +70,19 @@ class TLSSettings:
         flag=Flag("--tls-min-version"),
     )
     crl: Path | None = setting(
-        None, File(), "the CA's revocation list (PEM); reloaded on SIGHUP", flag=Flag("--crl")
+        None,
+        File(),
+        "the CA's revocation list (PEM), e.g. from `certs revoke`; without it no certificate "
+        "is checked for revocation. Reloaded when it changes and on SIGHUP",
+        flag=Flag("--crl"),
     )
     watch: bool = setting(True, Boolean(), "also reload when one of these files changes on disk")
     watch_interval: float = setting(5.0, Seconds(), "how often the files are looked at")
+    expiry_warning: int = setting(
+        14,
+        Integer(maximum=3650, unit="days"),
+        "warn in the log this long before the certificate, the CA or the CRL expires",
+    )
 
     @property
     def version(self) -> ssl.TLSVersion:

@@ -59,8 +59,11 @@ class PolicyFile:
         text = self.path.read_text(encoding="utf-8")
         return Policy.parse(text, str(self.path))
 
-    def reload(self) -> bool:
-        """True if a new policy is in force; False (logged) if the old one stays."""
+    def reload(self, path: Path | None = None) -> bool:
+        """True if a new policy is in force; False (logged) if the old one stays. `path`:
+        read another file from now on (its path changed in the configuration)."""
+        if path is not None and path != self.path:
+            return self._move(path)
         if self.path is None:
             return False
         try:
@@ -71,6 +74,25 @@ class PolicyFile:
         self.policy = policy
         self.generation += 1
         log.info("policy reloaded from %s (generation %d)", self.path, self.generation)
+        return True
+
+    def _move(self, path: Path) -> bool:
+        try:
+            policy = Policy.parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError, PolicyError) as exc:
+            log.error(
+                "policy from %s failed, keeping %s (generation %d): %s",
+                path,
+                self.path or "no policy",
+                self.generation,
+                exc,
+            )
+            return False
+        self.path = path
+        self.files.retarget([path])
+        self.policy = policy
+        self.generation += 1
+        log.info("policy now from %s (generation %d)", path, self.generation)
         return True
 
 

@@ -7,6 +7,7 @@ Each of their connections gets its own TLS connection, relayed frame by frame.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from gateway.protocol import (
 from gateway.relay.budget import BufferBudget
 from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
-from gateway.transport.identity import IdentityRefused
+from gateway.transport.credentials import read_revocations
+from gateway.transport.identity import IdentityRefused, PeerIdentity
 from gateway.transport.names import local_address, local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
@@ -64,6 +66,16 @@ class Route:
     server_name: str
 
 
+@dataclass(eq=False)
+class Linked:
+    """A session relayed to the server gateway, and whose certificate that one showed."""
+
+    session: Session
+    server: PeerIdentity
+    scope: trio.CancelScope
+    revoked: Outcome | None = None
+
+
 class ClientGateway(Gateway[ClientConfig]):
     log = log
 
@@ -81,9 +93,11 @@ class ClientGateway(Gateway[ClientConfig]):
         # Where sessions go; an NMOS activation may change it, or switch it off (None).
         self.route: Route | None = Route(config.server, config.server_name)
         self._scopes: dict[int, trio.CancelScope] = {}
+        self.linked: dict[int, Linked] = {}
         self.metrics = GatewayMetrics.for_client(config)
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
+        self._track_expiry()
         self.acceptor = Acceptor(
             "client gateway",
             self.handle,
@@ -105,6 +119,23 @@ class ClientGateway(Gateway[ClientConfig]):
 
     def tls_contexts(self) -> list[ReloadableContext]:
         return [self.tls] + ([self.dial_ins.tls] if self.dial_ins else [])
+
+    def _tls_reloaded(self) -> None:
+        """Sessions through a server gateway whose certificate the CRL now revokes are
+        closed: the certificate's key may be in other hands."""
+        crl = self.tls.files.crl
+        if crl is None or not self.linked:
+            return
+        revocations = read_revocations(crl, self.tls.files.ca)
+        for linked in list(self.linked.values()):
+            if revocations.revokes(linked.server):
+                why = (
+                    f"server certificate revoked (serial {linked.server.serial:x} in the CRL "
+                    f"{os.fspath(crl)})"
+                )
+                log.warning("closing session %d: %s", linked.session.id, why)
+                linked.revoked = Outcome(OutcomeKind.DENIED, why)
+                linked.scope.cancel()
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         if self.dial_ins is None:
@@ -230,6 +261,7 @@ class ClientGateway(Gateway[ClientConfig]):
         splice = Splice(self.config.limits, cut_through=True)
         server: object = self._server_text() if pool is None else pool.name
         link: trio.abc.Stream | None = None
+        linked: Linked | None = None
         scope = trio.CancelScope()
         if pool is None:  # a reverse server's sessions do not follow the route
             self._scopes[session.id] = scope
@@ -257,7 +289,7 @@ class ClientGateway(Gateway[ClientConfig]):
                     )
                     return
                 try:
-                    session.peer = str(peer_identity(server_link))
+                    server_identity = peer_identity(server_link)
                 except IdentityRefused as exc:
                     # Only an undecodable certificate: a server's may be a CA's (the client
                     # checks it names the server, which is what matters here).
@@ -266,6 +298,7 @@ class ClientGateway(Gateway[ClientConfig]):
                     why = f"TLS to {server} failed: {exc}"
                     await self._answer_failure(stream, splice, session, OutcomeKind.TLS_FAILED, why)
                     return
+                session.peer = str(server_identity)
                 session.transport = transport_name(server_link)
                 link = compress_if_negotiated(
                     server_link,
@@ -282,16 +315,23 @@ class ClientGateway(Gateway[ClientConfig]):
                     session.compression,
                 )
                 if await self._op_exchange(stream, link, splice, session, server):
-                    await relay(
-                        splice,
-                        stream,
-                        link,
-                        session,
-                        budget=self.buffers,
-                        # The op phase is behind us (bounded by op_idle_timeout).
-                        idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
-                    )
-            if scope.cancelled_caught:
+                    linked = Linked(session, server_identity, scope)
+                    self.linked[session.id] = linked
+                    try:
+                        await relay(
+                            splice,
+                            stream,
+                            link,
+                            session,
+                            budget=self.buffers,
+                            # The op phase is behind us (bounded by op_idle_timeout).
+                            idle=IdleTimeouts(attached=self.config.attached_idle_timeout),
+                        )
+                    finally:
+                        del self.linked[session.id]
+            if linked is not None and linked.revoked is not None:
+                session.outcome = linked.revoked
+            elif scope.cancelled_caught:
                 session.outcome = Outcome(
                     OutcomeKind.CLOSED, "the route to the server gateway changed"
                 )

@@ -9,11 +9,13 @@ before it is forwarded, and attached sessions are judged again when the policy r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -26,6 +28,7 @@ from gateway.edges.audit import AuditLog
 from gateway.edges.device_facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
 from gateway.edges.dialer import Dialer, Link
 from gateway.edges.gateway import Gateway
+from gateway.edges.reconfigure import take_reloadable
 from gateway.edges.reloading import watch
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.reverse import ReverseMetrics
@@ -47,6 +50,7 @@ from gateway.protocol import (
 from gateway.relay.budget import BufferBudget
 from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.credentials import read_revocations
 from gateway.transport.identity import IdentityRefused, PeerIdentity, client_identity
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
@@ -128,6 +132,7 @@ class ServerGateway(Gateway[ServerConfig]):
         self.attached: dict[int, Attached] = {}
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
+        self._track_expiry()
         self.acceptor = Acceptor(
             "server gateway",
             self.handle,
@@ -218,7 +223,7 @@ class ServerGateway(Gateway[ServerConfig]):
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.audit.run)
-        if self.config.policy.file is not None and self.config.policy.watch:
+        if self.config.policy.watch:  # no file yet: a reload may name one
             nursery.start_soon(self.watch_policy)
 
     async def _after_drain(self) -> None:
@@ -227,26 +232,69 @@ class ServerGateway(Gateway[ServerConfig]):
         with trio.move_on_after(AUDIT_FLUSH_TIMEOUT):
             await self.audit.finished.wait()
 
-    def reload_policy(self) -> bool:
-        """Reload the policy file; judge attached sessions again. False: old one kept."""
-        if not self.access.policy.reload():
+    def reload_policy(self, path: Path | None = None) -> bool:
+        """Reload the policy file (from `path`, if its path changed in the configuration);
+        judge attached sessions again. False: the old one kept."""
+        if not self.access.policy.reload(path):
             return False
         for attached in list(self.attached.values()):
             decision = self.access.recheck(attached.identity, attached.device)
-            if decision.target is Target.ALLOW:
-                continue
-            why = f"access revoked by policy reload ({rule_summary(decision)})"
-            if self.config.policy.revoke_on_reload:
-                log.warning("closing session %d: %s", attached.session.id, why)
-                attached.revoked = Outcome(OutcomeKind.DENIED, why)
-                attached.scope.cancel()
-            else:
-                log.warning(
-                    "session %d now denied, left open (revoke_on_reload off): %s",
-                    attached.session.id,
-                    why,
+            if decision.target is not Target.ALLOW:
+                self._revoke(
+                    attached, f"access revoked by policy reload ({rule_summary(decision)})"
                 )
         return True
+
+    def _tls_reloaded(self) -> None:
+        """Attached sessions whose client certificate the CRL now revokes are closed, as
+        a policy reload closes the ones it denies (`policy.revoke_on_reload`)."""
+        crl = self.tls.files.crl
+        if crl is None or not self.attached:
+            return
+        revocations = read_revocations(crl, self.tls.files.ca)
+        for attached in list(self.attached.values()):
+            if revocations.revokes(attached.identity):
+                self._revoke(
+                    attached,
+                    f"client certificate revoked (serial {attached.identity.serial:x} in the "
+                    f"CRL {os.fspath(crl)})",
+                )
+
+    def _reload_more(self, config: ServerConfig | None) -> None:
+        path = None
+        if config is not None:
+            path = config.policy.file
+            if path is None and self.config.policy.file is not None:
+                log.error(
+                    "policy.file is no longer set: running without a policy needs a restart; "
+                    "keeping %s",
+                    self.config.policy.file,
+                )
+                path = self.config.policy.file
+            else:
+                self.config = take_reloadable(self.config, config, "policy")
+        self.reload_policy(path)
+
+    def _revoke(self, attached: Attached, why: str) -> None:
+        """Close an attached session that is no longer allowed, or say it stays open."""
+        session = attached.session
+        closing = self.config.policy.revoke_on_reload
+        if closing:
+            log.warning("closing session %d: %s", session.id, why)
+            attached.revoked = Outcome(OutcomeKind.DENIED, why)
+            attached.scope.cancel()
+        else:
+            log.warning(
+                "session %d now denied, left open (revoke_on_reload off): %s", session.id, why
+            )
+        self.audit.record(
+            "session_revoked",
+            client=attached.identity.as_dict(),
+            address=session.address,
+            device={"busid": session.busid},
+            reason=why,
+            closed=closing,
+        )
 
     async def watch_policy(self) -> None:
         """Reload the policy whenever its file changes."""

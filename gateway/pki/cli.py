@@ -100,7 +100,8 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             raise PKIError(f"{name} was not issued by the CA in {d}") from exc
         serials.add(cert.serial_number)
     path = write_crl(d, serials, days=args.days)
-    print(f"wrote {path}: {len(serials)} revoked; send SIGHUP to the gateways to load it")
+    print(f"wrote {path}: {len(serials)} revoked, valid for {args.days} days")
+    print(crl_use(path, args.days))
     return 0
 
 
@@ -109,7 +110,21 @@ def _cmd_crl(args: argparse.Namespace) -> int:
     serials = revoked_serials(d / "crl.pem", load_ca(d))
     path = write_crl(d, serials, days=args.days)
     print(f"wrote {path}: {len(serials)} revoked, valid for {args.days} days")
+    print(crl_use(path, args.days))
     return 0
+
+
+def crl_use(path: Path, days: int) -> str:
+    """What a CRL does only if the gateways are told to read it, and what its expiry does."""
+    return (
+        "A gateway checks certificates against a CRL only if its configuration names it:\n"
+        f'  [tls] crl = "{path.resolve()}"   (or --crl {path.resolve()})\n'
+        "Without that, revoked certificates are still accepted. A gateway configured with it\n"
+        "reloads it on SIGHUP, or by itself within tls.watch_interval (5 s) when tls.watch\n"
+        "is on (the default); its open sessions of revoked certificates are closed.\n"
+        f"The CRL expires in {days} days: after that every client is refused until\n"
+        "`usbip-gateway certs crl` renews it (docs/deployment.md: renewal)."
+    )
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
