@@ -95,7 +95,8 @@ def check_own_certificate(
             f"{purpose} gateway needs"
             + (f" (it is a {other} certificate)" if _EKU[other] in set(eku) else "")
             + "; peers would refuse it. Issue one with "
-            f"`usbip-gateway certs issue --kind {purpose}`"
+            f"`usbip-gateway certs issue --kind {purpose}` (`--kind both` for a gateway in "
+            "reverse mode, which plays both TLS roles)"
         )
     try:
         usage = extensions.get_extension_for_class(x509.KeyUsage).value
