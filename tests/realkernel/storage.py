@@ -60,5 +60,10 @@ class StorageImage:
 
     def image_region_a_sha256(self) -> str:
         """sha256 of the image's first a_mb MiB as it is on the host now."""
+        return self.image_sha256(0, self.a_mb)
+
+    def image_sha256(self, offset_mb: int, mb: int) -> str:
+        """sha256 of `mb` MiB at `offset_mb` of the image as it is on the host now."""
         with self.image.open("rb") as fh:
-            return hashlib.sha256(fh.read(self.a_mb * MIB)).hexdigest()
+            fh.seek(offset_mb * MIB)
+            return hashlib.sha256(fh.read(mb * MIB)).hexdigest()
