@@ -36,13 +36,16 @@ class StorageImage:
         seed: int = 1,
     ) -> StorageImage:
         rng = random.Random(seed)
-        pattern_a = rng.randbytes(a_mb * MIB)
-        region_b = rng.randbytes(b_mb * MIB)
+        pattern_a = b"".join(rng.randbytes(MIB) for _ in range(a_mb))
         image = directory / "stick.img"
+        region_b = hashlib.sha256()
         with image.open("wb") as fh:
             fh.truncate(size_mb * MIB)
             fh.seek(b_offset_mb * MIB)
-            fh.write(region_b)
+            for _ in range(b_mb):  # a MiB at a time: randbytes stops below 256 MiB
+                chunk = rng.randbytes(MIB)
+                region_b.update(chunk)
+                fh.write(chunk)
         pa = directory / "pattern_a.bin"
         pa.write_bytes(pattern_a)
         return cls(
@@ -52,7 +55,7 @@ class StorageImage:
             b_offset_mb=b_offset_mb,
             b_mb=b_mb,
             pattern_a_sha256=hashlib.sha256(pattern_a).hexdigest(),
-            region_b_sha256=hashlib.sha256(region_b).hexdigest(),
+            region_b_sha256=region_b.hexdigest(),
         )
 
     def params(self) -> dict[str, str | int]:
