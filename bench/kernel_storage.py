@@ -36,6 +36,7 @@ differed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,7 @@ from tests.realkernel.storage import StorageImage
 PATHS = ("direct", "stunnel", "gateway")
 # socat (bytes only, bench/procs.py's pair) on request: how much any host relay changes.
 OPTIONAL_PATHS = ("socat",)
+LOAD_SAMPLE_S = 5.0
 
 SCRIPT = """
 rk_start_usbipd
@@ -98,6 +100,18 @@ class Measurement:
     passes: list[Pass]
     guest: GuestResult
     relay_problems: list[str] = field(default_factory=list)
+    # The host's 1-minute load average, sampled every few seconds while the guest ran:
+    # the machine is shared, and this says how much else competed for its cores.
+    host_load: list[float] = field(default_factory=list)
+
+    def load_summary(self) -> str:
+        if not self.host_load:
+            return "host load average: not sampled"
+        q = sorted(self.host_load)
+        return (
+            f"host 1-min load average while the guest ran: min {q[0]:.1f}, "
+            f"median {statistics.median(q):.1f}, max {q[-1]:.1f} ({len(q)} samples)"
+        )
 
     @property
     def ok(self) -> bool:
@@ -180,7 +194,17 @@ async def measure(
         guest.params["RK_STEPS"] = " ".join(
             f"{k}:{relays[path].port}" for k, (_, path) in enumerate(steps)
         )
-        res = await guest.arun(timeout=guest_timeout(len(steps), read_mb, write_mb))
+        host_load: list[float] = []
+        async with trio.open_nursery() as nursery:
+
+            async def sample_load() -> None:
+                while True:
+                    host_load.append(os.getloadavg()[0])
+                    await trio.sleep(LOAD_SAMPLE_S)
+
+            nursery.start_soon(sample_load)
+            res = await guest.arun(timeout=guest_timeout(len(steps), read_mb, write_mb))
+            nursery.cancel_scope.cancel()
         relay_problems = [
             f"{relay.name} exited early (logs in {workdir / 'logs'})"
             for relay in relays.values()
@@ -201,7 +225,7 @@ async def measure(
         p.read_s = res.elapsed(f"{prefix}_read_start", f"{prefix}_read_end")
         p.read_ok = res.get(f"{prefix}_read_sha256") == stick.region_b_sha256
         p.write_ok = stick.image_sha256(k * write_mb, write_mb) == stick.pattern_a_sha256
-    return Measurement(read_mb, write_mb, passes, res, relay_problems)
+    return Measurement(read_mb, write_mb, passes, res, relay_problems, host_load)
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -284,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
         print(table(m))
+        print(f"\n{m.load_summary()}")
         if not m.ok:
             print("\n".join(["FAILED:", *m.problems(), m.guest.diagnosis()]), file=sys.stderr)
             return 1

@@ -47,7 +47,9 @@ async def test_every_path_reads_and_writes_the_stick(
     text = kernel_storage.table(m)
     assert "| gateway |" in text, text
     assert text.count("| 1/1 |") == 3, text
+    assert m.host_load, "the host's load average was not sampled"
     print(text)
+    print(m.load_summary())
     for p in m.passes:
         timings(f"{p.path}: read {m.read_mb} MiB", p.read_s)
         timings(f"{p.path}: write {m.write_mb} MiB", p.write_s)
