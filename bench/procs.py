@@ -69,6 +69,17 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def rss_mib(pid: int) -> float:
+    """VmRSS: the resident memory of the process now."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def tree_rss_mib(pid: int) -> float:
     """Current RSS of a process and its direct children (socat forks one per connection)."""
     total = 0.0
@@ -111,6 +122,12 @@ class Path_:
 
     def cpu(self) -> float:
         return sum(cpu_seconds(pid, children=self.forks) for pid in self.pids)
+
+    def rss(self) -> list[float]:
+        """Resident memory of each process now (with its children, for forking paths)."""
+        if self.forks:
+            return [tree_rss_mib(pid) for pid in self.pids]
+        return [rss_mib(pid) for pid in self.pids]
 
     def peak_rss(self) -> list[float]:
         if self.forks:

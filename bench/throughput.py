@@ -85,6 +85,7 @@ class PathFigures:
     sessions_rtt_p99_us: float = 0.0
     sessions_errors: int = 0
     sessions_rss_mib: list[float] = field(default_factory=list)
+    sessions_idle_rss_mib: list[float] = field(default_factory=list)
     session_failures: list[str] = field(default_factory=list)  # failed connects/imports
 
     def count(self, result: Result) -> None:
@@ -189,6 +190,7 @@ async def many_sessions(opts: Options, path: Path_, fig: PathFigures) -> None:
         for i in range(opts.sessions):
             nursery.start_soon(open_one, i)
     fig.sessions = len(devices)
+    fig.sessions_idle_rss_mib = path.rss()  # all imported, nothing streamed yet
     paced: list[Result] = []
     bulk: list[Result] = []
     interval = 1 / opts.session_rate
@@ -224,7 +226,7 @@ async def many_sessions(opts: Options, path: Path_, fig: PathFigures) -> None:
         fig.sessions_errors = total.errors
         fig.sessions_rtt_p50_us = percentile(total.rtts_ns, 0.50)
         fig.sessions_rtt_p99_us = percentile(total.rtts_ns, 0.99)
-        fig.sessions_rss_mib = path.peak_rss()
+        fig.sessions_rss_mib = path.rss()
     finally:
         for device in devices:
             await device.aclose()
@@ -347,15 +349,16 @@ def markdown(figures: dict[str, PathFigures], opts: Options, note: str) -> str:
             f"streaming 64 KiB URBs at depth 1 for {opts.session_seconds:g} s:",
             "",
             "| path | sessions | MiB/s total | RTT p50 µs | RTT p99 µs | p99 vs 1 session "
-            "| RSS MiB after | errors | failed connects |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| RSS MiB idle | RSS MiB after streaming | errors | failed connects |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, f in figures.items():
             rss = " + ".join(f"{r:.0f}" for r in f.sessions_rss_mib) or "-"
+            idle = " + ".join(f"{r:.0f}" for r in f.sessions_idle_rss_mib) or "-"
             lines.append(
                 f"| {name} | {f.sessions} | {f.sessions_mib_s:.0f} | {f.sessions_rtt_p50_us:.0f} "
                 f"| {f.sessions_rtt_p99_us:.0f} "
-                f"| {_ratio(f.sessions_rtt_p99_us, median(f.rtt_p99_us))} | {rss} "
+                f"| {_ratio(f.sessions_rtt_p99_us, median(f.rtt_p99_us))} | {idle} | {rss} "
                 f"| {f.sessions_errors} | {len(f.session_failures)} |"
             )
     return "\n".join(lines) + "\n"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -19,9 +21,11 @@ from typing import Any
 
 import trio
 
+from gateway.commands import EXIT_UNAVAILABLE, leaves
 from gateway.config import (
     Address,
     ClientConfig,
+    NmosSettings,
     PolicySettings,
     ServerConfig,
     TLSSettings,
@@ -35,6 +39,7 @@ from gateway.protocol import ECONNRESET, Direction
 from gateway.sim.device import SimDevice
 from gateway.sim.server import SimServer, serve_sim
 from gateway.transport.names import local_address
+from gateway.transport.sockets import ListenError
 from gateway.usbip.importer import import_device, list_devices
 
 log = logging.getLogger("gateway.demo")
@@ -64,9 +69,12 @@ async def start_stack(
     devices: list[SimDevice] | None = None,
     transport: TransportSettings | None = None,
     policy: Path | None = None,
+    server_nmos: NmosSettings | None = None,
+    client_nmos: NmosSettings | None = None,
 ) -> Stack:
     """Start simulator, server gateway and client gateway, all on loopback; `policy`: the
-    server gateway's policy file (none: every client may use every device)."""
+    server gateway's policy file (none: every client may use every device); `*_nmos`:
+    each gateway's `[nmos]` table (its Node is started by the caller)."""
     transport = transport or TransportSettings()
     sim: SimServer = await nursery.start(partial(serve_sim, devices, host=LOOPBACK, port=0))
     sim_address = Address(*sim.addresses[0])
@@ -79,6 +87,7 @@ async def start_stack(
             # The simulator's devices are not in this host's sysfs (a real device with the
             # same bus id may be): the gateway learns their endpoints in the session.
             policy=PolicySettings(file=policy, sysfs=None),
+            nmos=server_nmos or NmosSettings(),
         ),
         strings=sim,
     )
@@ -90,6 +99,7 @@ async def start_stack(
             server_name="localhost",
             listen=(client_listen,),
             transport=transport,
+            nmos=client_nmos or NmosSettings(),
         )
     )
     client_address = local_address((await nursery.start(client.serve))[0])
@@ -151,7 +161,7 @@ usbip-gateway demo is running
   simulated usbipd     {d}   (devices 1-1 source/sink, 1-2 loopback, 1-3 keyboard)
   server gateway       {s}   mutual TLS, upstream {d}
   client gateway       {c}   plain USB/IP for the usbip tool
-  certificates         {directory}
+  certificates         {directory}   (removed at exit if temporary)
 
 Try, in another terminal:
   usbip {port_flag}list -r 127.0.0.1
@@ -160,45 +170,62 @@ Stop with Ctrl-C.
 """
 
 
+async def _stop_on_signal(signals: Any, cancel: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        cancel.cancel()
+        return
+
+
 async def _demo(directory: Path, port: int, check_only: bool) -> int:
     paths = make_demo_pki(directory, force=True)
-    async with trio.open_nursery() as nursery:
-        stack = await start_stack(
-            nursery,
-            TLSSettings(paths.server_cert, paths.server_key, paths.ca_cert),
-            TLSSettings(paths.client_cert, paths.client_key, paths.ca_cert),
-            client_listen=Address(LOOPBACK, port),
-        )
-        try:
-            with trio.fail_after(30):
-                report = await self_check(stack.client_address)
-        except (AssertionError, OSError, ConnectionError, trio.TooSlowError) as exc:
-            print(f"self-check FAILED: {exc!r}", file=sys.stderr)
-            nursery.cancel_scope.cancel()
-            return 1
-        print("self-check passed:")
-        for line in report:
-            print(f"  - {line}")
-        if check_only:
-            nursery.cancel_scope.cancel()
-            return 0
-        print(_banner(stack, directory), flush=True)
+    # Ctrl-C (and SIGTERM) end the demo as its normal end: no traceback, status 0.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+            stack = await start_stack(
+                nursery,
+                TLSSettings(paths.server_cert, paths.server_key, paths.ca_cert),
+                TLSSettings(paths.client_cert, paths.client_key, paths.ca_cert),
+                client_listen=Address(LOOPBACK, port),
+            )
+            try:
+                with trio.fail_after(30):
+                    report = await self_check(stack.client_address)
+            except (AssertionError, OSError, ConnectionError, trio.TooSlowError) as exc:
+                print(f"self-check FAILED: {exc!r}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                return 1
+            print("self-check passed:")
+            for line in report:
+                print(f"  - {line}")
+            if check_only:
+                nursery.cancel_scope.cancel()
+                return 0
+            print(_banner(stack, directory), flush=True)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, getattr(args, "log_format", None) or "text")
+    temporary = args.dir is None
     directory = args.dir or Path(tempfile.mkdtemp(prefix="usbip-gateway-demo-"))
     try:
         return trio.run(_demo, directory, args.port, args.check)
-    except KeyboardInterrupt:
-        return 0
     except PKIError as exc:
         print(f"usbip-gateway demo: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"usbip-gateway demo: {exc} (is port {args.port} taken? try --port)", file=sys.stderr)
-        return 1
+    except (OSError, BaseExceptionGroup) as exc:
+        problems = leaves(exc)
+        if not all(isinstance(problem, OSError) for problem in problems):
+            raise
+        for problem in problems:
+            hint = " (try another --port)" if isinstance(problem, ListenError) else ""
+            print(f"usbip-gateway demo: {problem}{hint}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    finally:
+        if temporary:  # the demo's keys go with it
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -206,9 +233,19 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
         "demo",
         help="simulator + server gateway + client gateway on this machine, self-checked",
     )
-    parser.add_argument("--port", type=int, default=3240, help="client gateway port (3240)")
-    parser.add_argument("--dir", type=Path, help="where to write the demo certificates")
+    parser.add_argument("--port", type=int, default=3240, help="client gateway port")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="where to write the demo certificates, kept at exit "
+        "(default: a temporary directory, removed at exit)",
+    )
     parser.add_argument("--check", action="store_true", help="run the self-check and exit")
-    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe message logged",
+    )
     parser.set_defaults(func=run_demo)
     return parser

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,18 +38,24 @@ class Process:
 
     def wait_ready(self) -> int:
         """The port from the process's own `listening on` line (it may have asked for 0)."""
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([self.proc.stderr], [], [], 1.0)
-            if not readable:
-                continue
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if match := READY.search(line):
-                return int(match.group(2))
+        stderr = self.proc.stderr
+        assert stderr is not None
+        ports: list[int] = []
+
+        def read() -> None:
+            # Line by line in a thread: select() on the pipe misses a line that an earlier
+            # readline() already pulled into the reader's buffer.
+            for line in stderr:
+                self.lines.append(line)
+                if match := READY.search(line):
+                    ports.append(int(match.group(2)))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT)
+        if ports:
+            return ports[0]
         raise AssertionError("not listening in time:\n" + "".join(self.lines))
 
     def stop(self) -> int:
@@ -230,3 +235,10 @@ def test_sigterm_exits_1_when_sessions_outlive_the_shutdown_timeout(
         assert server.stop() == 1  # drained for 1 s, then cut: exit status 1
     assert client.stop() == 0
     assert "still open after 1s" in "".join(server.lines)
+
+
+def test_sim_stops_on_sigterm_with_status_0(processes: list[Process]) -> None:
+    # A container's PID 1 has no default action for SIGTERM: the simulator handles it.
+    sim, _ = _start(processes, "sim", "--listen", "127.0.0.1:0")
+    assert sim.stop() == 0
+    assert any("SIGTERM received, stopping" in line for line in sim.lines)

@@ -36,7 +36,7 @@ def test_server_defaults_and_relative_paths(files: Path) -> None:
     config = load("server", _write(files / "server.toml", TLS), {})
     assert isinstance(config, ServerConfig)
     assert config.listen == (Address("0.0.0.0", 3240),)
-    assert config.upstream == Address("127.0.0.1", 3240)
+    assert config.upstream == Address("127.0.0.1", 3241)  # usbipd beside the gateway
     assert config.tls.cert == files / "gw.pem"  # relative to the config file
     assert config.tls.min_version == "1.3"
     assert config.limits.max_iso_packets == 1024

@@ -31,3 +31,23 @@ def test_readme_names_the_test_command_ci_runs() -> None:
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert "python3 -m pytest" in README.read_text()
     assert "\npython3 -m pytest" in ci
+
+
+def test_readme_installs_where_debian_lets_it() -> None:
+    # PEP 668: Debian's and Ubuntu's system Python refuses a bare `pip install .`.
+    first = _block_after("```sh\n").strip()
+    assert first == (
+        "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/usbip-gateway demo"
+    )
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'requires-python = ">=3.11"' in pyproject
+    assert "Python 3.11 or newer" in README.read_text()
+
+
+def test_readme_lists_every_command() -> None:
+    from gateway.cli import COMMANDS  # noqa: PLC0415
+
+    text = README.read_text()
+    for name in COMMANDS:
+        assert f"| `usbip-gateway {name}" in text, name
+    assert "| `usbip-gateway certs revoke / crl`" in text

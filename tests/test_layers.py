@@ -32,6 +32,16 @@ ALLOWED: dict[str, set[str]] = {
     },
     "companions": {"__init__", "config", "edges", "policy", "protocol", "transport", "usbip"},
     "sim": {"config", "edges", "protocol", "transport"},  # edges: the sysfs layout it fakes
+    # The NMOS Node beside a gateway: its HTTP endpoint, routes and device list.
+    "nmos": {
+        "config",
+        "edges",
+        "observability",
+        "policy",
+        "protocol",
+        "transport",
+        "usbip",
+    },
 }
 
 

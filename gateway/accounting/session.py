@@ -53,6 +53,9 @@ class Session:
     # to the server gateway): "tcp" or "mptcp", and "zstd" or "none" as negotiated.
     transport: str = "tcp"
     compression: str = "none"
+    # Which gateway opened that connection: the client (the usual way) or the server
+    # (reverse mode: a device host that dials out).
+    dialer: GatewayRole = "client"
     meter: SessionMeter | None = None  # URB metrics; None when they are off
 
     def observe(self, sender: Role, frame: Frame, now: float) -> None:
@@ -123,4 +126,5 @@ class Session:
             "bytes_from_server": self.bytes_from_server,
             "transport": self.transport,
             "compression": self.compression,
+            "dialer": self.dialer,
         }

@@ -19,6 +19,7 @@ and `/var/run/vhci_hcd/portN` (`HOST PORT BUSID`, written by `usbip attach`), as
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,13 +96,21 @@ class Agent:
         *,
         runner: Runner = run_command,
         clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+        reverse_server: str | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
+        # Reverse mode: a server gateway that dials in, listed through its own local port
+        # (the path `usbip list` takes), not through a connection the gateway dials.
+        self.reverse_server = reverse_server
+        self.server = reverse_server or str(gateway.config.server)
         self.attach_to = attach_to  # the client gateway's own loopback listener
         self.select = select_policy(settings)
         self.runner = runner
         self.clock = clock
+        self.jitter = jitter  # uniform in [0, 1): spreads the retries of many clients
+        self.vhci_missing = False  # vhci-hcd not loaded at the last look (said once)
         self.link = "starting"  # "up", "down"
         self.last_error = ""
         self.failures = 0  # consecutive failed lists
@@ -121,10 +130,11 @@ class Agent:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         log.info(
             "agent: attaching from %s through %s (%s)",
-            self.gateway.config.server,
+            self.server,
             self.attach_to,
             self.select.summary(),
         )
+        self.vhci_loaded()  # said at start, not at the first device
         task_status.started()
         while True:
             wait = await self.round()
@@ -148,13 +158,11 @@ class Agent:
         ) as exc:
             why = str(exc) or type(exc).__name__
             self.failures += 1
-            self.retry_in = min(
-                self.settings.interval * 2 ** (self.failures - 1), self.settings.backoff_max
-            )
+            self.retry_in = self._backoff(self.failures - 1)
             if self.link != "down" or why != self.last_error:
                 log.warning(
                     "agent: server gateway %s unreachable: %s; retrying in %gs",
-                    self.gateway.config.server,
+                    self.server,
                     why,
                     self.retry_in,
                 )
@@ -170,6 +178,27 @@ class Agent:
         self._finish_round()
         return self.settings.interval
 
+    def _backoff(self, failures: int) -> float:
+        """Exponential up to `backoff_max`, then between half and all of it at random
+        ("equal jitter"): clients that lost the server together do not retry together."""
+        ceiling = min(self.settings.interval * 2.0**failures, self.settings.backoff_max)
+        return ceiling / 2 + ceiling / 2 * self.jitter()
+
+    def vhci_loaded(self) -> bool:
+        """Whether vhci-hcd is loaded (its platform devices exist): without it every
+        `usbip attach` fails. Said once when it goes missing and once when it is back."""
+        loaded = any(self.settings.vhci.glob("vhci_hcd.*"))
+        if not loaded and not self.vhci_missing:
+            log.error(
+                "agent: vhci-hcd is not loaded (no %s/vhci_hcd.*): nothing is attached "
+                "until it is; run `modprobe vhci-hcd` (or list it in /etc/modules-load.d)",
+                self.settings.vhci,
+            )
+        elif loaded and self.vhci_missing:
+            log.info("agent: vhci-hcd loaded")
+        self.vhci_missing = not loaded
+        return loaded
+
     def _finish_round(self) -> None:
         self.rounds += 1
         self._round.set()
@@ -177,6 +206,9 @@ class Agent:
 
     async def list(self) -> tuple[ExportedDevice, ...]:
         with trio.fail_after(LIST_TIMEOUT):
+            if self.reverse_server is not None:
+                plain = await trio.open_tcp_stream(self.attach_to.host, self.attach_to.port)
+                return await list_devices(plain, self.gateway.config.limits)
             stream = await self.gateway.connect()
             link = compress_if_negotiated(
                 stream,
@@ -208,6 +240,8 @@ class Agent:
             if self.select.decide(ClientFacts(), facts).allowed:
                 wanted.append(facts.busid)
         self.listed = wanted
+        if wanted and not self.vhci_loaded():
+            return
         for busid in wanted:
             stale = self.attached.get(busid)
             if stale is not None:
@@ -240,7 +274,7 @@ class Agent:
         started = trio.current_time()
         status, output = await self.runner(argv)
         if status != 0:
-            delay = min(self.settings.interval * 2**count, self.settings.backoff_max)
+            delay = self._backoff(count)
             self.attach_failures[busid] = (count + 1, trio.current_time() + delay)
             log.error(
                 "agent: attach %s failed (exit status %d: %s); next try in %gs",
@@ -272,11 +306,13 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {
-            "server": str(self.gateway.config.server),
+            "server": self.server,
+            "dialer": "client" if self.reverse_server is None else "server",
             "link": self.link,
             "last_error": self.last_error,
             "failures": self.failures,
             "retry_in_seconds": self.retry_in,
+            "vhci_loaded": not self.vhci_missing,
             "selected": list(self.listed),
             "attached": [{"busid": b, "port": p} for b, p in sorted(self.attached.items())],
             "attaches": self.attaches,
@@ -315,12 +351,24 @@ async def run_companions(
                 addresses = announced_addresses(config.discovery, config.listen)
                 nursery.start_soon(Announcer(config.discovery, port, addresses).run)
         elif config.agent.enabled:
-            port = _bound_port(listeners, config.listen[0].port)
-            host = config.listen[0].host
-            host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
-            agent = Agent(config.agent, gateway, Address(host, port))  # type: ignore[arg-type]
-            gateway.metrics.status_sections["agent"] = agent.status
-            await nursery.start(agent.run)
+            if config.listen:
+                port = _bound_port(listeners, config.listen[0].port)
+                host = config.listen[0].host
+                host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
+                agent = Agent(config.agent, gateway, Address(host, port))  # type: ignore[arg-type]
+                gateway.metrics.status_sections["agent"] = agent.status
+                await nursery.start(agent.run)
+            # Each server gateway that dials in: its own agent, on its own local port.
+            for name, local in getattr(gateway, "reverse_addresses", {}).items():
+                host = "127.0.0.1" if local.host in ("0.0.0.0", "", "localhost") else local.host
+                agent = Agent(
+                    config.agent,
+                    gateway,  # type: ignore[arg-type]
+                    Address(host, local.port),
+                    reverse_server=name,
+                )
+                gateway.metrics.status_sections[f"agent {name}"] = agent.status
+                await nursery.start(agent.run)
         task_status.started()
 
 

@@ -161,35 +161,39 @@ def _txt(info: ServiceInfo, key: str) -> str:
 
 def _browse(seconds: float, interfaces: Sequence[str]) -> list[FoundServer]:
     zc = _zeroconf(interfaces)
-    listener = _Collect()
-    browser = ServiceBrowser(zc, SERVICE_TYPE, listener)
     try:
-        # Browse for the whole window: answers arrive over it, spread by the responders.
-        threading.Event().wait(seconds)
-        browser.cancel()
-        found: list[FoundServer] = []
-        for name in list(listener.names):
-            info = zc.get_service_info(SERVICE_TYPE, name, RESOLVE_TIMEOUT_MS)
-            if info is None or info.port is None:
-                continue
-            tls = _txt(info, "tls") == "1"
-            if not tls:
-                log.warning("%s does not announce tls=1: ignored", name)
-                continue
-            for address in info.parsed_addresses(IPVersion.V4Only):
-                found.append(
-                    FoundServer(
-                        name=name.removesuffix("." + SERVICE_TYPE),
-                        address=Address(address, info.port),
-                        host=info.server or "",
-                        version=_txt(info, "version"),
-                        tls=tls,
-                    )
-                )
-        return found
+        listener = _Collect()
+        browser = ServiceBrowser(zc, SERVICE_TYPE, listener)
+        try:
+            # Browse for the whole window: answers arrive over it, spread by the responders.
+            threading.Event().wait(seconds)
+        finally:
+            # Once only: a second cancel makes zeroconf log a KeyError with its traceback.
+            browser.cancel()
+        return [found for name in list(listener.names) for found in _resolve(zc, name)]
     finally:
-        browser.cancel()
         zc.close()
+
+
+def _resolve(zc: Zeroconf, name: str) -> list[FoundServer]:
+    """The addresses of one announced instance (none if it did not resolve or is not TLS)."""
+    info = zc.get_service_info(SERVICE_TYPE, name, RESOLVE_TIMEOUT_MS)
+    if info is None or info.port is None:
+        return []
+    tls = _txt(info, "tls") == "1"
+    if not tls:
+        log.warning("%s does not announce tls=1: ignored", name)
+        return []
+    return [
+        FoundServer(
+            name=name.removesuffix("." + SERVICE_TYPE),
+            address=Address(address, info.port),
+            host=info.server or "",
+            version=_txt(info, "version"),
+            tls=tls,
+        )
+        for address in info.parsed_addresses(IPVersion.V4Only)
+    ]
 
 
 async def browse(seconds: float = 3.0, interfaces: Sequence[str] = ()) -> list[FoundServer]:
@@ -201,7 +205,11 @@ async def browse(seconds: float = 3.0, interfaces: Sequence[str] = ()) -> list[F
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
-    found = trio.run(browse, args.timeout, tuple(args.interface or ()))
+    try:
+        found = trio.run(browse, args.timeout, tuple(args.interface or ()))
+    except OSError as exc:  # no multicast-capable interface, an address not this host's
+        print(f"usbip-gateway discover: cannot browse with mDNS: {exc}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps([asdict(f) | {"address": str(f.address)} for f in found], indent=1))
     else:
@@ -222,7 +230,7 @@ def add_discover_parser(subparsers: Any) -> argparse.ArgumentParser:
         "discover", help=f"list server gateways announced on the local network ({SERVICE_TYPE})"
     )
     parser.add_argument(
-        "--timeout", type=float, default=3.0, metavar="SECONDS", help="how long to listen (3)"
+        "--timeout", type=float, default=3.0, metavar="SECONDS", help="how long to listen"
     )
     parser.add_argument(
         "--interface",

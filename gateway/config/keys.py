@@ -179,6 +179,32 @@ class HostPorts:
 
 
 @dataclass(frozen=True, slots=True)
+class NamedHostPorts:
+    """`"NAME=HOST:PORT"` entries: a name, and the local address that reaches it."""
+
+    default_port: int
+    unit: str = ""
+
+    def describe(self) -> str:
+        return '`"NAME=HOST:PORT"` or a list of them'
+
+    def read(self, value: Any, key: str, base: Path) -> tuple[tuple[str, Address], ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(key, "must be NAME=HOST:PORT or a list of them")
+        entries: list[tuple[str, Address]] = []
+        for item in items:
+            name, sep, where = item.partition("=")
+            if not sep or not name.strip():
+                raise ConfigError(key, f"{item!r} is not NAME=HOST:PORT")
+            entries.append((name.strip(), parse_address(where.strip(), key, self.default_port)))
+        names = [name for name, _ in entries]
+        if len(set(names)) != len(names):
+            raise ConfigError(key, "a name appears twice")
+        return tuple(entries)
+
+
+@dataclass(frozen=True, slots=True)
 class Strings:
     empty: bool = True  # whether an empty list is allowed
     unit: str = ""
@@ -193,6 +219,24 @@ class Strings:
         if not items and not self.empty:
             raise ConfigError(key, "must not be empty")
         return tuple(items)
+
+
+@dataclass(frozen=True, slots=True)
+class Integers:
+    """A list of integers in a range (USB class codes, for one)."""
+
+    minimum: int = 0
+    maximum: int = _INT_MAX
+    unit: str = ""
+
+    def describe(self) -> str:
+        return f"list of integers {self.minimum}..{self.maximum}"
+
+    def read(self, value: Any, key: str, base: Path) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list of integers, not {value!r}")
+        each = Integer(self.minimum, self.maximum)
+        return tuple(each.read(item, key, base) for item in value)
 
 
 @dataclass(frozen=True, slots=True)

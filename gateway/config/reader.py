@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.config.address import Address, is_loopback
+from gateway.config.environment import environment_overrides
 from gateway.config.errors import ConfigError
 from gateway.config.schema import ROLES, Declared, declared_keys, tables
 from gateway.config.settings import ClientConfig, GatewayRole, ServerConfig
@@ -59,7 +61,56 @@ def _config(role: GatewayRole, data: Mapping[str, Any], base: Path) -> ServerCon
     _no_unknown(data, set(known), "")
     result = config(**values)
     assert isinstance(result, ServerConfig | ClientConfig)
+    _not_itself(result)
+    if isinstance(result, ServerConfig):
+        policy = result.policy
+        if policy.file is not None and (policy.allow_cn or policy.allow_uri or policy.allow_dns):
+            raise ConfigError(
+                "policy.file",
+                "give a policy file or --allow-cn/--allow-uri/--allow-dns, not both "
+                "(write the shorthands as rules in the file)",
+            )
     return result
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def _own(listen: tuple[Address, ...], target: Address) -> Address | None:
+    """The listen address `target` reaches, if it is one of them (port 0 never is)."""
+    for address in listen:
+        hosts = {address.host, target.host}
+        same_host = (
+            len(hosts) == 1
+            or (_wildcard(address.host) and (is_loopback(target.host) or _wildcard(target.host)))
+            or ("localhost" in hosts and all(is_loopback(host) for host in hosts))
+        )
+        if address.port == target.port and address.port != 0 and same_host:
+            return address
+    return None
+
+
+def _not_itself(config: ServerConfig | ClientConfig) -> None:
+    """Refuse a next hop that is one of the gateway's own listen addresses: it would
+    connect to itself (usbipd's default port is the gateway's, 3240)."""
+    if isinstance(config, ServerConfig):
+        own = _own(config.listen, config.upstream)
+        if own is not None:
+            raise ConfigError(
+                "server.upstream",
+                f"{config.upstream} is this gateway's own listen address {own}: it would "
+                "connect to itself. Run usbipd on another port (`usbipd --tcp-port 3241`) "
+                'and set upstream = "127.0.0.1:3241" (--upstream 127.0.0.1:3241)',
+            )
+        return
+    own = _own(config.listen, config.server)
+    if own is not None:
+        raise ConfigError(
+            "client.server",
+            f"{config.server} is this gateway's own listen address {own}: "
+            "give the server gateway's address",
+        )
 
 
 def server_config(data: Mapping[str, Any], base: Path = Path(".")) -> ServerConfig:
@@ -103,9 +154,16 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 def load(
-    role: GatewayRole, path: Path | None, overrides: Mapping[str, Any]
+    role: GatewayRole,
+    path: Path | None,
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
 ) -> ServerConfig | ClientConfig:
-    """Read `path` (optional), overlay the command-line `overrides`, validate."""
-    data = merge(read_toml(path), overrides)
+    """Read `path` (optional), overlay the `USBIP_GATEWAY_*` variables of `environ`, then
+    the command-line `overrides`, and validate."""
+    data = read_toml(path)
+    if environ is not None:
+        data = merge(data, environment_overrides(role, environ))
+    data = merge(data, overrides)
     base = path.parent if path is not None else Path(os.getcwd())
     return _config(role, data, base)

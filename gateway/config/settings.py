@@ -22,7 +22,9 @@ from gateway.config.keys import (
     HostPort,
     HostPorts,
     Integer,
+    Integers,
     Key,
+    NamedHostPorts,
     Rules,
     Seconds,
     Strings,
@@ -41,6 +43,8 @@ TLSVersion = Literal["1.2", "1.3"]
 Algorithm = Literal["none", "zstd"]
 BindMethod = Literal["command", "sysfs"]
 METRICS_PORT = 9240
+USBIPD_PORT = 3241  # usbipd behind the server gateway, which has the usual 3240
+NMOS_PORT = 3212  # the Node and Connection APIs
 MiB = 1024 * 1024
 
 
@@ -66,10 +70,19 @@ class TLSSettings:
         flag=Flag("--tls-min-version"),
     )
     crl: Path | None = setting(
-        None, File(), "the CA's revocation list (PEM); reloaded on SIGHUP", flag=Flag("--crl")
+        None,
+        File(),
+        "the CA's revocation list (PEM), e.g. from `certs revoke`; without it no certificate "
+        "is checked for revocation. Reloaded when it changes and on SIGHUP",
+        flag=Flag("--crl"),
     )
     watch: bool = setting(True, Boolean(), "also reload when one of these files changes on disk")
     watch_interval: float = setting(5.0, Seconds(), "how often the files are looked at")
+    expiry_warning: int = setting(
+        14,
+        Integer(maximum=3650, unit="days"),
+        "warn in the log this long before the certificate, the CA or the CRL expires",
+    )
 
     @property
     def version(self) -> ssl.TLSVersion:
@@ -101,6 +114,46 @@ class PolicySettings:
         "the access policy (docs/policy.md)",
         flag=Flag("--policy"),
         default_text="none: every client allowed",
+    )
+    # ghostunnel's shorthands: the same policy as the one-line rule file
+    # `allow client-cn one-of { ... }` (docs/policy.md).
+    allow_cn: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients whose certificate's common name is one of these",
+        flag=Flag(
+            "--allow-cn",
+            repeat=True,
+            metavar="NAME",
+            help="allow clients whose certificate's CN is NAME, instead of a policy file "
+            "(repeatable; docs/policy.md)",
+        ),
+        default_text="none",
+    )
+    allow_uri: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients with one of these SAN URIs (e.g. SPIFFE IDs)",
+        flag=Flag(
+            "--allow-uri",
+            repeat=True,
+            metavar="URI",
+            help="allow clients with the SAN URI URI (e.g. a SPIFFE ID), instead of a "
+            "policy file (repeatable)",
+        ),
+        default_text="none",
+    )
+    allow_dns: tuple[str, ...] = setting(
+        (),
+        Strings(),
+        "instead of a file: allow clients with one of these SAN DNS names",
+        flag=Flag(
+            "--allow-dns",
+            repeat=True,
+            metavar="NAME",
+            help="allow clients with the SAN DNS name NAME, instead of a policy file (repeatable)",
+        ),
+        default_text="none",
     )
     watch: bool = setting(True, Boolean(), "reload when the file changes, as well as on SIGHUP")
     watch_interval: float = setting(2.0, Seconds(), "how often the file is looked at")
@@ -306,6 +359,148 @@ class AgentSettings:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReverseDialSettings:
+    """`[reverse]`, server: dial out to client gateways instead of waiting for them, for a
+    device host no one can reach (docs/reverse-connections.md)."""
+
+    dial: tuple[Address, ...] = setting(
+        (),
+        HostPorts(DEFAULT_PORT),
+        "server: client gateways to dial out to (their `[reverse] listen`)",
+        flag=Flag("--dial", help="a client gateway to dial out to (repeatable)", repeat=True),
+        default_text="none (no reverse connections)",
+    )
+    name: str = setting(
+        "",
+        Text(),
+        "server: name the client gateways' certificates must carry",
+        flag=Flag("--dial-name", metavar="NAME"),
+        default_text="each one's host",
+    )
+    pool: int = setting(
+        2, Integer(maximum=64), "server: idle connections kept ready per client gateway"
+    )
+    keepalive: float = setting(
+        10.0,
+        Seconds(),
+        "both roles: an idle reverse connection silent this long is pinged; one that does "
+        "not answer within as long again is dropped (the server then dials anew)",
+    )
+    backoff_max: float = setting(30.0, Seconds(), "server: the longest wait between failed dials")
+    also_listen: bool = setting(
+        False,
+        Boolean(),
+        "server: accept connections on `listen` too (otherwise it does not listen)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseAcceptSettings:
+    """`[reverse]`, client: server gateways that dial in (docs/reverse-connections.md)."""
+
+    listen: Address | None = setting(
+        None,
+        HostPort(DEFAULT_PORT),
+        "client: mutual-TLS listener for server gateways dialing in",
+        flag=Flag("--reverse-listen"),
+        default_text="none (no dial-ins)",
+    )
+    servers: tuple[tuple[str, Address], ...] = setting(
+        (),
+        NamedHostPorts(DEFAULT_PORT),
+        "client: server gateways accepted, each by a name its certificate carries (SAN DNS "
+        "or URI), and the local plain USB/IP address that reaches it",
+        flag=Flag(
+            "--reverse-server",
+            help="NAME=HOST:PORT: accept dial-ins from NAME, serve them on HOST:PORT (repeatable)",
+            repeat=True,
+            metavar="NAME=HOST:PORT",
+        ),
+    )
+    pool_max: int = setting(
+        8, Integer(maximum=1024), "client: idle dial-ins held per server; more are refused"
+    )
+    claim_timeout: float = setting(
+        3.0,
+        Seconds(),
+        "client: how long a local connection waits for a dialed-in connection that answers",
+    )
+    keepalive: float = setting(
+        10.0,
+        Seconds(),
+        "both roles: an idle reverse connection silent this long is pinged; one that does "
+        "not answer within as long again is dropped (the server then dials anew)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NmosSettings:
+    """`[nmos]`: the gateway as an AMWA NMOS Node, the server a USB Sender and the client a
+    USB Receiver (IS-04 Node API, IS-05 Connection API; docs/nmos.md)."""
+
+    enabled: bool = setting(
+        False,
+        Boolean(),
+        "serve the NMOS Node and Connection APIs and register with a registry",
+        flag=Flag("--nmos", const=True, help="be an NMOS Node ([nmos], docs/nmos.md)"),
+    )
+    listen: Address = setting(
+        Address("127.0.0.1", NMOS_PORT),
+        HostPort(NMOS_PORT),
+        "where the Node API (/x-nmos/node) and Connection API (/x-nmos/connection) listen",
+        flag=Flag("--nmos-listen"),
+    )
+    host: str = setting(
+        "",
+        Text(),
+        "the address the Node's hrefs and API endpoints name",
+        default_text="the listen address (the host's own address when that is a wildcard)",
+    )
+    label: str = setting("", Text(), "the Node's and Device's label", default_text="the host name")
+    seed: str = setting(
+        "",
+        Text(),
+        "the resource ids derive from it (the same seed, the same ids after a restart)",
+        default_text="the host name and the role",
+    )
+    registration: bool = setting(
+        True,
+        Boolean(),
+        "find a Registration API (`registry`, else DNS-SD) and register; without one, "
+        "advertise the Node for peer-to-peer",
+    )
+    registry: Address | None = setting(
+        None,
+        HostPort(80),
+        "a Registration API to use, e.g. `registry.example:8010`",
+        default_text="none (DNS-SD `_nmos-register._tcp`)",
+    )
+    heartbeat_interval: float = setting(5.0, Seconds(), "between registry heartbeats")
+    legs: tuple[Address, ...] = setting(
+        (),
+        HostPorts(DEFAULT_PORT),
+        "server: the addresses the Sender's SDP names, one per leg (two with MPTCP)",
+        default_text="the first listen address",
+    )
+    publish_devices: bool = setting(
+        False,
+        Boolean(),
+        "server: list the devices (ids, class, serial) and their classes in the Source",
+    )
+    audience: str = setting(
+        "nmos",
+        Text(),
+        "server: the client name the policy is asked about for that list",
+    )
+    usb_classes: tuple[int, ...] = setting(
+        (),
+        Integers(maximum=255),
+        "client: the USB classes the Receiver accepts",
+        default_text="any",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """What both roles have; the keys here are in each role's own table."""
@@ -347,6 +542,7 @@ class GatewayConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    nmos: NmosSettings = field(default_factory=NmosSettings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,10 +555,12 @@ class ServerConfig(GatewayConfig):
         "where to listen; `[::1]:3240` for IPv6",
         flag=Flag("--listen", help="address to listen on (repeatable)", repeat=True),
     )
+    # Not usbipd's own default port: that is where this gateway listens.
     upstream: Address = setting(
-        Address("127.0.0.1", DEFAULT_PORT),
+        Address("127.0.0.1", USBIPD_PORT),
         HostPort(DEFAULT_PORT),
-        "the kernel's usbipd",
+        "the kernel's usbipd, started with `usbipd --tcp-port 3241`; "
+        "one of this gateway's own listen addresses is refused",
         flag=Flag("--upstream"),
     )
     request_timeout: float = setting(
@@ -372,6 +570,7 @@ class ServerConfig(GatewayConfig):
     audit: AuditSettings = field(default_factory=AuditSettings)
     exporter: ExporterSettings = field(default_factory=ExporterSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    reverse: ReverseDialSettings = field(default_factory=ReverseDialSettings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -404,3 +603,4 @@ class ClientConfig(GatewayConfig):
         "this long is closed",
     )
     agent: AgentSettings = field(default_factory=AgentSettings)
+    reverse: ReverseAcceptSettings = field(default_factory=ReverseAcceptSettings)

@@ -85,14 +85,19 @@ class Acceptor:
         self,
         listeners: Sequence[TunedListener],
         *,
+        sources: Sequence[Callable[[], Awaitable[None]]] = (),
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Accept on `listeners`; `sources` are other loops that bring connections (the
+        reverse dialer), stopped by a drain like the accept loops."""
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
             with self._accepting:
                 async with trio.open_nursery() as loops:
                     for listener in listeners:
                         loops.start_soon(self._accept_loop, listener)
+                    for source in sources:
+                        loops.start_soon(source)
                     task_status.started()
             log.info("%s: stopped accepting, %d connections open", self.name, self.active)
 
@@ -197,6 +202,34 @@ class Acceptor:
             )
             self._refused_logged_at = now
             self._refused_since_log = 0
+
+    def adopt(self, serve: Callable[[], Awaitable[None]], peer: str) -> bool:
+        """Serve a connection that came from elsewhere than a listener (one this gateway
+        dialed, its handshake done) in the session pool, drained like accepted ones.
+        False: refused, counted and logged (the pool is full), or not running."""
+        if self._handlers is None or self._accepting.cancel_called:
+            return False
+        if self.established >= self.max_connections:
+            self._refuse("connections", peer)
+            return False
+        self.established += 1
+        if self.active == 0:
+            self._idle = trio.Event()
+        self.active += 1
+        self._handlers.start_soon(self._run_adopted, serve)
+        return True
+
+    async def _run_adopted(self, serve: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await serve()
+        except Exception:
+            self.internal_errors += 1
+            log.exception("%s: internal error in a connection handler", self.name)
+        finally:
+            self.established -= 1
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
 
     async def _run_handler(self, stream: trio.SocketStream, slot: Slot) -> None:
         if self.active == 0:

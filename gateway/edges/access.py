@@ -19,6 +19,7 @@ from gateway.edges.audit import AuditLog
 from gateway.edges.device_facts import StringSource
 from gateway.edges.reloading import FileSignatures
 from gateway.policy import ClientFacts, Decision, DeviceFacts, Policy, PolicyError, Target
+from gateway.policy.shorthand import SOURCE as SHORTHAND_SOURCE
 from gateway.protocol import DeviceInfo, ExportedDevice, InterfaceInfo, OpStatus
 from gateway.transport.identity import PeerIdentity
 
@@ -37,11 +38,14 @@ Request = Literal["devlist", "import"]
 class PolicyFile:
     """The policy in force and the file it came from; `reload` swaps it atomically."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, rules: str = "") -> None:
+        """`rules`: without a file, the rules of the --allow-* shorthands (if any)."""
         self.path = path
         self.generation = 0
         self.files = FileSignatures([path])
-        if path is None:
+        if path is None and rules:
+            self.policy = Policy.parse(rules, SHORTHAND_SOURCE)
+        elif path is None:
             self.policy = Policy.parse(ALLOW_ALL_TEXT, "<no policy: every client allowed>")
         else:
             self.policy = self._read()
@@ -55,8 +59,11 @@ class PolicyFile:
         text = self.path.read_text(encoding="utf-8")
         return Policy.parse(text, str(self.path))
 
-    def reload(self) -> bool:
-        """True if a new policy is in force; False (logged) if the old one stays."""
+    def reload(self, path: Path | None = None) -> bool:
+        """True if a new policy is in force; False (logged) if the old one stays. `path`:
+        read another file from now on (its path changed in the configuration)."""
+        if path is not None and path != self.path:
+            return self._move(path)
         if self.path is None:
             return False
         try:
@@ -67,6 +74,25 @@ class PolicyFile:
         self.policy = policy
         self.generation += 1
         log.info("policy reloaded from %s (generation %d)", self.path, self.generation)
+        return True
+
+    def _move(self, path: Path) -> bool:
+        try:
+            policy = Policy.parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError, PolicyError) as exc:
+            log.error(
+                "policy from %s failed, keeping %s (generation %d): %s",
+                path,
+                self.path or "no policy",
+                self.generation,
+                exc,
+            )
+            return False
+        self.path = path
+        self.files.retarget([path])
+        self.policy = policy
+        self.generation += 1
+        log.info("policy now from %s (generation %d)", path, self.generation)
         return True
 
 

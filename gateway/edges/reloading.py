@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from gateway.config import TLSSettings
-from gateway.transport.tls import ReloadableContext, TLSConfigError
+from gateway.transport.tls import ReloadableContext, TLSConfigError, TLSFiles
 
 log = logging.getLogger("gateway.reload")
 
@@ -25,6 +25,11 @@ class FileSignatures:
     """Notices when any of some files changed since it last looked."""
 
     def __init__(self, paths: Iterable[Path | None]) -> None:
+        self.paths = tuple(p for p in paths if p is not None)
+        self._seen = self._read()
+
+    def retarget(self, paths: Iterable[Path | None]) -> None:
+        """Look at other files from now on (their paths changed in the configuration)."""
         self.paths = tuple(p for p in paths if p is not None)
         self._seen = self._read()
 
@@ -48,10 +53,11 @@ def _signature(path: Path) -> Signature:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-def reload_tls(tls: ReloadableContext) -> bool:
-    """Rebuild the TLS context for new connections; a bad file keeps the old one."""
+def reload_tls(tls: ReloadableContext, files: TLSFiles | None = None) -> bool:
+    """Rebuild the TLS context for new connections, from `files` if given (their paths
+    changed in the configuration); a bad file keeps the old one."""
     try:
-        tls.reload()
+        tls.reload(files)
     except TLSConfigError as exc:
         log.error("TLS reload failed, keeping the previous certificates: %s", exc)
         return False
@@ -67,7 +73,32 @@ async def watch(files: FileSignatures, interval: float, on_change: Callable[[], 
             on_change()
 
 
-async def watch_tls(tls: ReloadableContext, settings: TLSSettings) -> None:
-    """Reload certificates, key, CA and CRL when any of them changes on disk."""
-    files = FileSignatures((settings.cert, settings.key, settings.ca, settings.crl))
-    await watch(files, settings.watch_interval, lambda: reload_tls(tls))
+def tls_files(settings: TLSSettings) -> TLSFiles:
+    return TLSFiles(settings.cert, settings.key, settings.ca, settings.crl)
+
+
+def _paths(files: TLSFiles) -> tuple[Path | None, ...]:
+    return tuple(
+        None if p is None else Path(p) for p in (files.cert, files.key, files.ca, files.crl)
+    )
+
+
+async def watch_tls(
+    tls: ReloadableContext,
+    settings: TLSSettings,
+    on_change: Callable[[], object] | None = None,
+) -> None:
+    """Reload certificates, key, CA and CRL when any of them changes on disk (by default
+    with `reload_tls`). The files watched are those in force: a reload with other paths
+    moves the watch to them."""
+    files = FileSignatures(_paths(tls.files))
+    while True:
+        await trio.sleep(settings.watch_interval)
+        paths = _paths(tls.files)
+        if files.paths != tuple(p for p in paths if p is not None):
+            files.retarget(paths)  # loaded just now, by whoever changed the paths
+        elif files.changed():
+            if on_change is None:
+                reload_tls(tls)
+            else:
+                on_change()

@@ -9,25 +9,31 @@ before it is forwarded, and attached sessions are judged again when the policy r
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from gateway.accounting.outcome import Outcome, OutcomeKind, protocol_error
 from gateway.accounting.session import Session
-from gateway.config import ServerConfig
+from gateway.config import GatewayRole, ServerConfig
 from gateway.edges.acceptor import Acceptor, Slot
 from gateway.edges.access import AccessControl, PolicyFile, Verdict, rule_summary
 from gateway.edges.audit import AuditLog
 from gateway.edges.device_facts import NoStrings, StringSource, SysfsLayout, SysfsStrings
+from gateway.edges.dialer import Dialer, Link
 from gateway.edges.gateway import Gateway
+from gateway.edges.reconfigure import take_reloadable
 from gateway.edges.reloading import watch
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.reverse import ReverseMetrics
 from gateway.policy import DeviceFacts, Target
+from gateway.policy.shorthand import shorthand_rules
 from gateway.protocol import (
     ConnectionClosed,
     DeviceInfo,
@@ -44,10 +50,12 @@ from gateway.protocol import (
 from gateway.relay.budget import BufferBudget
 from gateway.relay.pumps import IdleTimeouts, close_all, log_session_end, receive_frame, relay
 from gateway.transport.compression import alpn_protocols, compress_if_negotiated
+from gateway.transport.credentials import read_revocations
 from gateway.transport.identity import IdentityRefused, PeerIdentity, client_identity
 from gateway.transport.names import local_name, peer_name
 from gateway.transport.sockets import (
     TunedListener,
+    close_listeners,
     open_tcp,
     open_tcp_listeners,
     transport_name,
@@ -110,8 +118,11 @@ class ServerGateway(Gateway[ServerConfig]):
         self.layouts = layouts or (SysfsLayout(sysfs) if sysfs is not None else None)
         self.audit = audit or AuditLog(config.audit.path)
         self.metrics = GatewayMetrics.for_server(config)
+        shorthand = shorthand_rules(
+            config.policy.allow_cn, config.policy.allow_uri, config.policy.allow_dns
+        )
         self.access = AccessControl(
-            PolicyFile(config.policy.file),
+            PolicyFile(config.policy.file, shorthand),
             strings,
             self.audit,
             self._list_upstream,
@@ -121,6 +132,7 @@ class ServerGateway(Gateway[ServerConfig]):
         self.attached: dict[int, Attached] = {}
         self.buffers = BufferBudget(config.resources.max_buffered_bytes)
         self.metrics.track_buffers(self.buffers)
+        self._track_expiry()
         self.acceptor = Acceptor(
             "server gateway",
             self.handle,
@@ -129,22 +141,81 @@ class ServerGateway(Gateway[ServerConfig]):
             max_handshakes=config.resources.max_handshakes,
             max_handshakes_per_source=config.resources.max_handshakes_per_source,
         )
-        if config.policy.file is None:
+        self.dialers = self._dialers(config)
+        if config.policy.file is None and shorthand:
+            log.info("policy from the --allow-* shorthands: %s", shorthand.strip())
+        elif config.policy.file is None:
             log.warning(
                 "no policy file: every client with a valid certificate may list and "
                 "import every device"
             )
 
+    def _dialers(self, config: ServerConfig) -> list[Dialer]:
+        """Reverse mode: one dialer per client gateway to dial out to."""
+        reverse = config.reverse
+        if not reverse.dial:
+            return []
+        # The same certificate, now as a TLS client: it needs the clientAuth usage too.
+        self.dial_tls = ReloadableContext.client(
+            config.tls.cert,
+            config.tls.key,
+            config.tls.ca,
+            min_version=config.tls.version,
+            crl=config.tls.crl,
+            alpn=alpn_protocols(config.compression.enabled),
+        )
+        reverse_metrics = ReverseMetrics(self.metrics, tuple(str(a) for a in reverse.dial))
+        dialers = [
+            Dialer(
+                target,
+                reverse,
+                self.dial_tls,
+                connect_timeout=config.connect_timeout,
+                handshake_timeout=config.handshake_timeout,
+                mptcp=config.transport.mptcp,
+                identify=self.identify,
+                adopt=self._adopt,
+                metrics=self.metrics,
+                reverse_metrics=reverse_metrics,
+            )
+            for target in reverse.dial
+        ]
+        self.metrics.status_sections["reverse"] = lambda: [d.status() for d in dialers]
+        return dialers
+
+    def _adopt(self, link: Link) -> bool:
+        serve = partial(
+            self.serve_connection,
+            link.stream,
+            link.identity,
+            link.address,
+            link.transport,
+            dialer="server",
+        )
+        return self.acceptor.adopt(serve, link.address)
+
+    def tls_contexts(self) -> list[ReloadableContext]:
+        return [self.tls] + ([self.dial_tls] if self.dialers else [])
+
     # -- lifecycle
+
+    def _connection_sources(self) -> Sequence[Callable[[], Awaitable[None]]]:
+        return [dialer.run for dialer in self.dialers]
 
     async def _open_listeners(self) -> list[TunedListener]:
         listeners: list[TunedListener] = []
-        for address in self.config.listen:
-            listeners.extend(
-                await open_tcp_listeners(
-                    address.host, address.port, mptcp=self.config.transport.mptcp
+        if self.dialers and not self.config.reverse.also_listen:
+            return listeners  # reverse mode: nothing to accept
+        try:
+            for address in self.config.listen:
+                listeners.extend(
+                    await open_tcp_listeners(
+                        address.host, address.port, mptcp=self.config.transport.mptcp
+                    )
                 )
-            )
+        except BaseException:
+            await close_listeners(listeners)  # those of the addresses before
+            raise
         return listeners
 
     def _describe(self, listener: TunedListener) -> str:
@@ -152,7 +223,7 @@ class ServerGateway(Gateway[ServerConfig]):
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.audit.run)
-        if self.config.policy.file is not None and self.config.policy.watch:
+        if self.config.policy.watch:  # no file yet: a reload may name one
             nursery.start_soon(self.watch_policy)
 
     async def _after_drain(self) -> None:
@@ -161,26 +232,69 @@ class ServerGateway(Gateway[ServerConfig]):
         with trio.move_on_after(AUDIT_FLUSH_TIMEOUT):
             await self.audit.finished.wait()
 
-    def reload_policy(self) -> bool:
-        """Reload the policy file; judge attached sessions again. False: old one kept."""
-        if not self.access.policy.reload():
+    def reload_policy(self, path: Path | None = None) -> bool:
+        """Reload the policy file (from `path`, if its path changed in the configuration);
+        judge attached sessions again. False: the old one kept."""
+        if not self.access.policy.reload(path):
             return False
         for attached in list(self.attached.values()):
             decision = self.access.recheck(attached.identity, attached.device)
-            if decision.target is Target.ALLOW:
-                continue
-            why = f"access revoked by policy reload ({rule_summary(decision)})"
-            if self.config.policy.revoke_on_reload:
-                log.warning("closing session %d: %s", attached.session.id, why)
-                attached.revoked = Outcome(OutcomeKind.DENIED, why)
-                attached.scope.cancel()
-            else:
-                log.warning(
-                    "session %d now denied, left open (revoke_on_reload off): %s",
-                    attached.session.id,
-                    why,
+            if decision.target is not Target.ALLOW:
+                self._revoke(
+                    attached, f"access revoked by policy reload ({rule_summary(decision)})"
                 )
         return True
+
+    def _tls_reloaded(self) -> None:
+        """Attached sessions whose client certificate the CRL now revokes are closed, as
+        a policy reload closes the ones it denies (`policy.revoke_on_reload`)."""
+        crl = self.tls.files.crl
+        if crl is None or not self.attached:
+            return
+        revocations = read_revocations(crl, self.tls.files.ca)
+        for attached in list(self.attached.values()):
+            if revocations.revokes(attached.identity):
+                self._revoke(
+                    attached,
+                    f"client certificate revoked (serial {attached.identity.serial:x} in the "
+                    f"CRL {os.fspath(crl)})",
+                )
+
+    def _reload_more(self, config: ServerConfig | None) -> None:
+        path = None
+        if config is not None:
+            path = config.policy.file
+            if path is None and self.config.policy.file is not None:
+                log.error(
+                    "policy.file is no longer set: running without a policy needs a restart; "
+                    "keeping %s",
+                    self.config.policy.file,
+                )
+                path = self.config.policy.file
+            else:
+                self.config = take_reloadable(self.config, config, "policy")
+        self.reload_policy(path)
+
+    def _revoke(self, attached: Attached, why: str) -> None:
+        """Close an attached session that is no longer allowed, or say it stays open."""
+        session = attached.session
+        closing = self.config.policy.revoke_on_reload
+        if closing:
+            log.warning("closing session %d: %s", session.id, why)
+            attached.revoked = Outcome(OutcomeKind.DENIED, why)
+            attached.scope.cancel()
+        else:
+            log.warning(
+                "session %d now denied, left open (revoke_on_reload off): %s", session.id, why
+            )
+        self.audit.record(
+            "session_revoked",
+            client=attached.identity.as_dict(),
+            address=session.address,
+            device={"busid": session.busid},
+            reason=why,
+            closed=closing,
+        )
 
     async def watch_policy(self) -> None:
         """Reload the policy whenever its file changes."""
@@ -203,20 +317,35 @@ class ServerGateway(Gateway[ServerConfig]):
         if not slot.promote():  # every session place taken meanwhile (counted, logged)
             await trio.aclose_forcefully(tls_stream)
             return
-        identity = self._identify(tls_stream, address)
+        identity = self.identify(tls_stream, address)
         if identity is None:
             await trio.aclose_forcefully(tls_stream)
             return
+        await self.serve_connection(tls_stream, identity, address, transport, dialer="client")
+
+    async def serve_connection(
+        self,
+        tls_stream: TlsStream,
+        identity: PeerIdentity,
+        address: str,
+        transport: str,
+        *,
+        dialer: GatewayRole,
+    ) -> None:
+        """One session on a verified connection, whichever gateway opened it: `dialer`
+        "client" (accepted here) or "server" (dialed out from here, reverse mode)."""
         session = Session("server", str(identity), address, time.time())
         session.transport = transport
+        session.dialer = dialer
         client = compress_if_negotiated(
             tls_stream, level=self.config.compression.level, on_bytes=self.metrics.compressed
         )
         session.compression = "none" if client is tls_stream else "zstd"
         log.debug(
-            "session %d from %s: %s, compression %s",
+            "session %d from %s (connection dialed by the %s gateway): %s, compression %s",
             session.id,
             identity,
+            dialer,
             session.transport,
             session.compression,
         )
@@ -225,12 +354,14 @@ class ServerGateway(Gateway[ServerConfig]):
         try:
             await self._serve_session(client, identity, session)
         finally:
+            await close_all(client)
             self.metrics.session_ended(session)
             log_session_end(log, session)
             self.audit.record(
                 "session_end",
                 client=identity.as_dict(),
                 address=address,
+                dialer=dialer,
                 request=session.request,
                 device={"busid": session.busid},
                 outcome=session.outcome.detail,
@@ -241,7 +372,7 @@ class ServerGateway(Gateway[ServerConfig]):
             )
             del self.sessions[session.id]
 
-    def _identify(self, stream: TlsStream, address: str) -> PeerIdentity | None:
+    def identify(self, stream: TlsStream, address: str) -> PeerIdentity | None:
         """The client's identity, or None (logged, audited, counted) if its certificate
         is not one: before a session exists, so nothing of it reaches usbipd."""
         try:

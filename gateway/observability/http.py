@@ -5,14 +5,17 @@ Built so that liveness cannot be starved: the connection table never stops accep
 its limit the oldest connection still waiting for a request is closed, `connections.py`);
 a connection that sends nothing is closed after `idle_timeout`; a request head must be
 whole within `head_timeout` and `max_head` bytes; an answer must be taken within
-`write_timeout`; keep-alive serves at most `max_requests`. GET and HEAD only. Nothing
-blocks the relay: building /metrics is a bounded amount of in-process work.
+`write_timeout`; keep-alive serves at most `max_requests`. GET and HEAD only, unless
+an `App` answers instead (the NMOS APIs): then a request body of at most `max_body` bytes
+is read, within the same `head_timeout`. Nothing blocks the relay: building /metrics is a
+bounded amount of in-process work.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
 
@@ -21,12 +24,22 @@ import trio
 
 from gateway.config import Address
 from gateway.transport.names import local_address, peer_name
+from gateway.transport.sockets import ListenError
 
 from .connections import ConnectionTable, Slot
 from .endpoints import TEXT, respond
 from .metrics import GatewayMetrics, HttpCloseReason
 
-__all__ = ["HttpEndpoint", "HttpLimits", "respond", "serve_http", "start_http"]
+__all__ = [
+    "Answer",
+    "App",
+    "HttpEndpoint",
+    "HttpLimits",
+    "Request",
+    "respond",
+    "serve_http",
+    "start_http",
+]
 
 log = logging.getLogger("gateway.http")
 
@@ -45,6 +58,33 @@ class HttpLimits:
     write_timeout: float = 10.0  # an answer not taken by the client within this long
     max_head: int = 8 * 1024  # request line and headers, else 431
     max_requests: int = 100  # per connection; the last answer says Connection: close
+    max_body: int = 0  # request body bytes read for an App, else 413 (0: never read)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request, for an `App`: header names lower case, the body whole."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    content_type: str
+    body: bytes
+    headers: Sequence[tuple[str, str]] = field(default_factory=tuple)
+
+
+# Answers every request of an endpoint in place of /metrics and the others.
+App = Callable[[Request], Awaitable[Answer]]
+
+
+class _BodyTooLarge(Exception):
+    """A request body over `max_body`."""
 
 
 class _Idle(Exception):
@@ -54,10 +94,18 @@ class _Idle(Exception):
 class HttpEndpoint:
     """One listening address's connections: what they may see, and their limits."""
 
-    def __init__(self, metrics: GatewayMetrics, *, status: bool, limits: HttpLimits) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        *,
+        status: bool,
+        limits: HttpLimits,
+        app: App | None = None,
+    ) -> None:
         self.metrics = metrics
         self.status = status
         self.limits = limits
+        self.app = app
         self.table = ConnectionTable(limits.max_connections)
 
     async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
@@ -104,20 +152,55 @@ class HttpEndpoint:
             if request is None:
                 return
             slot.answering = True
-            # A request body is not read: answer, then close rather than parse past it.
-            try:
-                has_body = not isinstance(conn.next_event(), h11.EndOfMessage)
-            except h11.RemoteProtocolError:
-                has_body = True
             # h11 checked the syntax; latin-1 maps any byte, so an odd target is a 404.
             method, target = request.method.decode("latin-1"), request.target.decode("latin-1")
-            status, content_type, body = await respond(
-                self.metrics, method, target, status=self.status
-            )
+            extra: Sequence[tuple[str, str]] = ()
+            if self.app is None:
+                # A request body is not read: answer, then close rather than parse past it.
+                try:
+                    has_body = not isinstance(conn.next_event(), h11.EndOfMessage)
+                except h11.RemoteProtocolError:
+                    has_body = True
+                status, content_type, body = await respond(
+                    self.metrics, method, target, status=self.status
+                )
+            else:
+                has_body = False
+                try:
+                    content = await self._read_body(stream, conn)
+                except _BodyTooLarge:
+                    self._gave_up(stream, slot, "bad_request")
+                    await self._fail(stream, conn, 413, b"request body too large\n")
+                    return
+                except trio.TooSlowError:
+                    self._gave_up(stream, slot, "head_timeout")
+                    await self._fail(stream, conn, 408, b"request timeout\n")
+                    return
+                except h11.RemoteProtocolError:
+                    self._gave_up(stream, slot, "bad_request")
+                    await self._fail(stream, conn, 400, b"bad request\n")
+                    return
+                headers = {
+                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers
+                }
+                answer = await self.app(Request(method, target, headers, content))
+                status, content_type, body, extra = (
+                    answer.status,
+                    answer.content_type,
+                    answer.body,
+                    answer.headers,
+                )
             close = has_body or served == limits.max_requests
             try:
                 await self._send(
-                    stream, conn, status, content_type, body, method=method, close=close
+                    stream,
+                    conn,
+                    status,
+                    content_type,
+                    body,
+                    method=method,
+                    close=close,
+                    extra=extra,
                 )
             except trio.TooSlowError:
                 self._gave_up(stream, slot, "write_timeout")
@@ -153,6 +236,23 @@ class HttpEndpoint:
                         raise _Idle
                 conn.receive_data(bytes(data))
 
+    async def _read_body(self, stream: trio.abc.ReceiveStream, conn: h11.Connection) -> bytes:
+        """The request's body, whole, within the head timeout and `max_body` bytes."""
+        body = bytearray()
+        with trio.fail_after(self.limits.head_timeout):
+            while True:
+                event = conn.next_event()
+                if isinstance(event, h11.EndOfMessage):
+                    return bytes(body)
+                if isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > self.limits.max_body:
+                        raise _BodyTooLarge
+                elif event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
+                else:
+                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
+
     async def _send(
         self,
         stream: trio.abc.SendStream,
@@ -163,13 +263,15 @@ class HttpEndpoint:
         *,
         method: str = "GET",
         close: bool,
+        extra: Sequence[tuple[str, str]] = (),
     ) -> None:
         headers = [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            *extra,
         ]
-        if status == 405:
+        if status == 405 and not any(name.lower() == "allow" for name, _ in extra):
             headers.append(("Allow", "GET, HEAD"))
         if close:
             headers.append(("Connection", "close"))
@@ -208,19 +310,27 @@ async def serve_http(
     *,
     status: bool = True,
     limits: HttpLimits | None = None,
+    app: App | None = None,
+    what: str = "",
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints on `address` until cancelled; `metrics.http_addresses` says
-    where (useful with port 0). `status=False`: /status answers 404."""
+    where (useful with port 0). `status=False`: /status answers 404. With `app`, it
+    answers every request instead (`what` names it in the log) and the address is not
+    added to `metrics.http_addresses`."""
     limits = limits or HttpLimits(idle_timeout=metrics.settings.idle_timeout)
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as exc:
+        raise ListenError(str(address), exc) from exc
     for listener in listeners:
         bound = local_address(listener)
-        metrics.http_addresses.append(bound)
-        what = "metrics, health and status" if status else "metrics and health"
+        if app is None:
+            metrics.http_addresses.append(bound)
+            what = "metrics, health and status" if status else "metrics and health"
         log.info("%s on http://%s/", what, bound)
     task_status.started(listeners)
-    endpoint = HttpEndpoint(metrics, status=status, limits=limits)
+    endpoint = HttpEndpoint(metrics, status=status, limits=limits, app=app)
     await trio.serve_listeners(endpoint.handle, listeners)
 
 

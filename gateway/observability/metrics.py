@@ -37,6 +37,7 @@ from gateway.accounting.series import DeviceLabeler, SeriesTable, SessionMeter
 from gateway.accounting.session import Session
 from gateway.config import Address, ClientConfig, GatewayRole, MetricsSettings, ServerConfig
 from gateway.protocol import DeviceInfo, OpStatus, Role
+from gateway.transport.credentials import Expiry
 from gateway.transport.identity import IDENTITY_REFUSALS, IdentityRefusal
 from gateway.transport.tls import HANDSHAKE_REASONS, HandshakeReason
 
@@ -171,6 +172,14 @@ class GatewayMetrics:
             for t in ("tcp", "mptcp")
             for c in ("none", "zstd")
         }
+        by_dialer = Counter(
+            f"{p}sessions_by_dialer",
+            "Sessions ended, by which gateway opened their connection between the gateways: "
+            "client (the usual way) or server (reverse mode, the device host dialed out).",
+            ["role", "dialer"],
+            registry=registry,
+        )
+        self._sessions_by_dialer = {d: by_dialer.labels(role, d) for d in ("client", "server")}
         self._ops = Counter(
             f"{p}op_requests",
             "USB/IP op requests (devlist, import) by the status of their reply.",
@@ -273,6 +282,7 @@ class GatewayMetrics:
         link = self._sessions_by_transport.get((session.transport, session.compression))
         if link is not None:
             link.inc()
+        self._sessions_by_dialer[session.dialer].inc()
         if outcome.side is not None:
             self._protocol_errors[outcome.side].inc()
         if session.request:
@@ -298,6 +308,11 @@ class GatewayMetrics:
     def track_buffers(self, budget: BufferTotal) -> None:
         """Report `budget`'s total as the buffered_bytes gauge, read when scraped."""
         self._buffered.set_function(lambda: budget.total)
+
+    def track_expiries(self, source: Callable[[], Iterable[Expiry]]) -> None:
+        """Report when the gateway's own certificate, its CA and its CRL run out, as
+        `source` (the live TLS context's files) says when scraped."""
+        self.registry.register(_ExpiryCollector(self.role, source))
 
     def http_connection_closed(self, reason: HttpCloseReason) -> None:
         self._http_closed[reason].inc()
@@ -410,6 +425,7 @@ def _session_status(session: Session) -> dict[str, Any]:
         "rtt_p99_seconds": p99,
         "transport": session.transport,
         "compression": session.compression,
+        "dialer": session.dialer,
     }
 
 
@@ -516,3 +532,30 @@ class _ScrapeCollector(Collector):
                 m._finished_bytes["server"] + sum(s.bytes_from_server for s in sessions),
             )
         yield from (in_flight, abandoned, active, relayed)
+
+
+class _ExpiryCollector(Collector):
+    """`certificate_expiry_timestamp_seconds`, read from the files in force when scraped."""
+
+    def __init__(self, role: GatewayRole, source: Callable[[], Iterable[Expiry]]) -> None:
+        self.role = role
+        self.source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for expiry in self.source():
+            family.add_metric([self.role, expiry.kind], expiry.not_after.timestamp())
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            f"{PREFIX}certificate_expiry_timestamp_seconds",
+            "When the TLS files in force stop being valid, in seconds since the Unix epoch, "
+            "by certificate: own (this gateway's), ca (the earliest in the CA file), crl (its "
+            "nextUpdate: after it every client is refused).",
+            labels=["role", "certificate"],
+        )

@@ -141,7 +141,7 @@ def _issue_leaf(
     ca: Issued,
     *,
     common_name: str,
-    usage: x509.ObjectIdentifier,
+    usages: Sequence[x509.ObjectIdentifier],
     dns_names: Iterable[str],
     ip_addresses: Iterable[str | IPAddress],
     uris: Iterable[str],
@@ -184,7 +184,7 @@ def _issue_leaf(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
@@ -213,7 +213,7 @@ def issue_server_cert(
     return _issue_leaf(
         ca,
         common_name=common_name,
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         dns_names=dns_names,
         ip_addresses=ip_addresses,
         uris=uris,
@@ -238,7 +238,36 @@ def issue_client_cert(
     return _issue_leaf(
         ca,
         common_name=common_name,
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        uris=uris,
+        days=days,
+        key_type=key_type,
+        not_before=not_before,
+    )
+
+
+def issue_dual_cert(
+    ca: Issued,
+    *,
+    common_name: str,
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str | IPAddress] = (),
+    uris: Sequence[str] = (),
+    days: int = LEAF_DAYS,
+    key_type: KeyType = "ec",
+    not_before: dt.datetime | None = None,
+) -> Issued:
+    """serverAuth and clientAuth, for reverse mode, where TLS and USB/IP roles differ: a
+    server gateway that dials out is a TLS client, a client gateway that takes dial-ins a
+    TLS server. Its DNS names or IP addresses are what the TLS client checks."""
+    if not dns_names and not ip_addresses:
+        raise PKIError("a certificate used as a TLS server needs a DNS name or IP address")
+    return _issue_leaf(
+        ca,
+        common_name=common_name,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
         dns_names=dns_names,
         ip_addresses=ip_addresses,
         uris=uris,

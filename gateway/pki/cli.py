@@ -19,6 +19,7 @@ from gateway.pki.ca import (
     create_ca,
     describe_certificate,
     issue_client_cert,
+    issue_dual_cert,
     issue_server_cert,
     load_ca,
     load_certificate,
@@ -65,7 +66,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         raise PKIError("--name ca would overwrite the CA")
     d = Path(args.dir)
     ca = load_ca(d)
-    issue = issue_server_cert if args.kind == "server" else issue_client_cert
+    issue = {"server": issue_server_cert, "client": issue_client_cert, "both": issue_dual_cert}[
+        args.kind
+    ]
     issued = issue(
         ca,
         common_name=args.cn or name,
@@ -97,7 +100,8 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             raise PKIError(f"{name} was not issued by the CA in {d}") from exc
         serials.add(cert.serial_number)
     path = write_crl(d, serials, days=args.days)
-    print(f"wrote {path}: {len(serials)} revoked; send SIGHUP to the gateways to load it")
+    print(f"wrote {path}: {len(serials)} revoked, valid for {args.days} days")
+    print(crl_use(path, args.days))
     return 0
 
 
@@ -106,7 +110,21 @@ def _cmd_crl(args: argparse.Namespace) -> int:
     serials = revoked_serials(d / "crl.pem", load_ca(d))
     path = write_crl(d, serials, days=args.days)
     print(f"wrote {path}: {len(serials)} revoked, valid for {args.days} days")
+    print(crl_use(path, args.days))
     return 0
+
+
+def crl_use(path: Path, days: int) -> str:
+    """What a CRL does only if the gateways are told to read it, and what its expiry does."""
+    return (
+        "A gateway checks certificates against a CRL only if its configuration names it:\n"
+        f'  [tls] crl = "{path.resolve()}"   (or --crl {path.resolve()})\n'
+        "Without that, revoked certificates are still accepted. A gateway configured with it\n"
+        "reloads it on SIGHUP, or by itself within tls.watch_interval (5 s) when tls.watch\n"
+        "is on (the default); its open sessions of revoked certificates are closed.\n"
+        f"The CRL expires in {days} days: after that every client is refused until\n"
+        "`usbip-gateway certs crl` renews it (docs/deployment.md: renewal)."
+    )
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -133,7 +151,13 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     issue = sub.add_parser("issue", help="issue DIR/NAME.pem and DIR/NAME.key from DIR's CA")
     issue.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
-    issue.add_argument("--kind", required=True, choices=("server", "client"))
+    issue.add_argument(
+        "--kind",
+        required=True,
+        choices=("server", "client", "both"),
+        help="what the certificate is for; both: serverAuth and clientAuth, for reverse "
+        "mode (docs/reverse-connections.md)",
+    )
     issue.add_argument("--name", required=True, help="output file stem")
     issue.add_argument("--cn", help="subject common name (default: NAME)")
     for flag, what in (
@@ -141,13 +165,20 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
         ("--ip", "SAN IP address"),
         ("--uri", "SAN URI, e.g. spiffe://example.org/ns/x/sa/y"),
     ):
-        issue.add_argument(flag, action="extend", nargs="+", default=[], metavar="V", help=what)
+        issue.add_argument(
+            flag,
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="V",
+            help=f"{what} (default: none)",
+        )
     issue.add_argument("--days", type=int, default=LEAF_DAYS, help="validity in days")
     issue.add_argument("--force", action="store_true", help="overwrite existing files")
     issue.set_defaults(func=_guarded(_cmd_issue))
 
     demo = sub.add_parser("demo", help="write a throwaway CA, server and client into DIR")
-    demo.add_argument("--dir", required=True)
+    demo.add_argument("--dir", required=True, help="directory for the files")
     demo.add_argument("--force", action="store_true", help="overwrite existing files")
     demo.set_defaults(func=_guarded(_cmd_demo))
 
@@ -163,6 +194,6 @@ def add_certs_parser(subparsers: Any) -> argparse.ArgumentParser:
     crl.set_defaults(func=_guarded(_cmd_crl))
 
     show = sub.add_parser("show", help="print a certificate's subject, SANs, validity")
-    show.add_argument("file")
+    show.add_argument("file", help="a PEM certificate")
     show.set_defaults(func=_guarded(_cmd_show))
     return certs

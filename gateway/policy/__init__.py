@@ -7,7 +7,7 @@ described in docs/policy.md.
 
 from .conditions import Operator, Target
 from .engine import Decision, Explanation, Policy, Step
-from .errors import PolicyError
+from .errors import PolicyError, PolicyErrors
 from .facts import ClientFacts, DeviceFacts
 from .parser import parse_device_spec
 from .rules import Rule
@@ -20,6 +20,7 @@ __all__ = [
     "Operator",
     "Policy",
     "PolicyError",
+    "PolicyErrors",
     "Rule",
     "Step",
     "Target",

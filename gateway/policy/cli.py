@@ -17,7 +17,7 @@ from gateway.transport.identity import PeerIdentity
 
 from .conditions import Target
 from .engine import Policy
-from .errors import PolicyError
+from .errors import PolicyError, PolicyErrors
 from .facts import ClientFacts, DeviceFacts
 from .parser import parse_device_spec
 from .text import quote
@@ -38,7 +38,7 @@ def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="policy_command", required=True)
 
     check = commands.add_parser("check", help="parse a rules file and report errors")
-    check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("file", type=Path, metavar="FILE", help="the rules file")
     check.set_defaults(func=run_check)
 
     explain = commands.add_parser(
@@ -46,17 +46,20 @@ def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="show which rule decides for a client and a device",
         description="Exit status: 0 allow, 1 block or reject, 2 error.",
     )
-    explain.add_argument("file", type=Path, metavar="FILE")
+    explain.add_argument("file", type=Path, metavar="FILE", help="the rules file")
     explain.add_argument(
         "--client",
         action="append",
         default=[],
         metavar="ID",
         help="cn:NAME, uri:URI or dns:NAME; bare values are URIs when they contain "
-        "'://', else common names (repeatable)",
+        "'://', else common names (repeatable; default: none)",
     )
     explain.add_argument(
-        "--cert", type=Path, metavar="PEM", help="take the client from a certificate"
+        "--cert",
+        type=Path,
+        metavar="PEM",
+        help="take the client from a certificate (default: only --client)",
     )
     device = explain.add_mutually_exclusive_group(required=True)
     device.add_argument(
@@ -65,14 +68,21 @@ def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
         help='device in rule syntax: \'id 0525:a4a0 busid 1-1 serial "X" '
         "with-interface { ff:00:00 }'",
     )
-    device.add_argument("--id", metavar="VID:PID")
-    explain.add_argument("--serial")
-    explain.add_argument("--name", help="product string")
-    explain.add_argument("--manufacturer")
-    explain.add_argument("--busid")
-    explain.add_argument("--class", dest="device_class", metavar="CC", help="device class, hex")
+    device.add_argument("--id", metavar="VID:PID", help="the device by vendor and product id")
+    unknown = " (default: unknown)"
+    explain.add_argument("--serial", help="with --id: serial number string" + unknown)
+    explain.add_argument("--name", help="with --id: product string" + unknown)
+    explain.add_argument("--manufacturer", help="with --id: manufacturer string" + unknown)
+    explain.add_argument("--busid", help="with --id: bus id on the server" + unknown)
     explain.add_argument(
-        "--interface", action="append", default=[], metavar="CC:SS:PP", help="repeatable, in order"
+        "--class", dest="device_class", metavar="CC", help="with --id: device class, hex" + unknown
+    )
+    explain.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="CC:SS:PP",
+        help="with --id: an interface, repeatable, in order (default: none)",
     )
     explain.set_defaults(func=run_explain)
     return parser
@@ -87,6 +97,10 @@ def _load(path: Path) -> Policy | int:
     """The policy in `path`, or the exit status once why it could not be had is printed."""
     try:
         return Policy.parse(path.read_text(encoding="utf-8"), source=str(path))
+    except PolicyErrors as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return _fail(f"{path}: {len(exc.errors)} errors")
     except PolicyError as exc:
         return _fail(str(exc))
     except (OSError, UnicodeDecodeError) as exc:

@@ -86,39 +86,56 @@ class _Scanner:
         self.line += 1
         self.line_start = self.pos
 
-    def lines(self) -> list[LogicalLine]:
-        text = self.text
+    def lines(self, errors: list[PolicyError] | None = None) -> list[LogicalLine]:
+        """The logical lines; with `errors`, an error is added there, its line dropped
+        and scanning goes on from the next line (else it is raised)."""
         result: list[LogicalLine] = []
         current: list[Token] = []
         while True:
-            if self.pos >= len(text) or text[self.pos] == "\n":
-                if current:
-                    result.append(LogicalLine(tuple(current), self.line, self.column))
-                    current = []
-                if self.pos >= len(text):
+            try:
+                if self.step(current, result):
                     return result
-                self.newline()
-                continue
-            char = text[self.pos]
-            if char in _BLANKS:
+            except PolicyError as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+                current.clear()
+                end = self.text.find("\n", self.pos)
+                self.pos = len(self.text) if end < 0 else end
+
+    def step(self, current: list[Token], result: list[LogicalLine]) -> bool:
+        """Scan one token, blank, comment or line end; a finished logical line moves
+        from `current` to `result`. True at the end of the text."""
+        text = self.text
+        if self.pos >= len(text) or text[self.pos] == "\n":
+            if current:
+                result.append(LogicalLine(tuple(current), self.line, self.column))
+                current.clear()
+            if self.pos >= len(text):
+                return True
+            self.newline()
+            return False
+        char = text[self.pos]
+        if char in _BLANKS:
+            self.pos += 1
+        elif char == "#":
+            end = text.find("\n", self.pos)
+            self.pos = len(text) if end < 0 else end
+        elif char == "\\":
+            self.continuation()
+        elif char in "{}":
+            kind = Kind.LBRACE if char == "{" else Kind.RBRACE
+            current.append(Token(kind, char, self.line, self.column))
+            self.pos += 1
+        elif char == '"':
+            current.append(self.string())
+        else:
+            start = self.pos
+            while self.pos < len(text) and text[self.pos] not in _WORD_STOP:
                 self.pos += 1
-            elif char == "#":
-                end = text.find("\n", self.pos)
-                self.pos = len(text) if end < 0 else end
-            elif char == "\\":
-                self.continuation()
-            elif char in "{}":
-                kind = Kind.LBRACE if char == "{" else Kind.RBRACE
-                current.append(Token(kind, char, self.line, self.column))
-                self.pos += 1
-            elif char == '"':
-                current.append(self.string())
-            else:
-                start = self.pos
-                while self.pos < len(text) and text[self.pos] not in _WORD_STOP:
-                    self.pos += 1
-                raw = text[start : self.pos]
-                current.append(Token(Kind.WORD, raw, self.line, start - self.line_start + 1))
+            raw = text[start : self.pos]
+            current.append(Token(Kind.WORD, raw, self.line, start - self.line_start + 1))
+        return False
 
     def continuation(self) -> None:
         column = self.column
@@ -186,6 +203,9 @@ class _Scanner:
         raise self.error(f"unknown escape '\\{nxt}'", column)
 
 
-def logical_lines(text: str, source: str = "<policy>") -> list[LogicalLine]:
-    """Split `text` into non-empty logical lines of tokens; comments and blanks dropped."""
-    return _Scanner(text, source).lines()
+def logical_lines(
+    text: str, source: str = "<policy>", errors: list[PolicyError] | None = None
+) -> list[LogicalLine]:
+    """Split `text` into non-empty logical lines of tokens; comments and blanks dropped.
+    With `errors`, every error is collected there instead of the first being raised."""
+    return _Scanner(text, source).lines(errors)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .conditions import ATTRIBUTES, Attribute, Condition, Operator, Side, Target
-from .errors import PolicyError
+from .errors import PolicyError, PolicyErrors
 from .facts import DeviceFacts
 from .lexer import Kind, LogicalLine, Token, logical_lines
 from .patterns import ClassByte, DeviceId, Glob, InterfaceType, Pattern
@@ -171,33 +171,48 @@ def _rule(cur: _Line, target: Target) -> Rule:
 
 
 def parse(text: str, source: str = "<policy>") -> Parsed:
+    """The rules and default of a file; raises PolicyErrors with every error in it (each
+    logical line is read on its own, so one mistake does not hide the next)."""
     rules: list[Rule] = []
     default: Target | None = None
     default_line: int | None = None
-    for line in logical_lines(text, source):
+    errors: list[PolicyError] = []
+    for line in logical_lines(text, source, errors):
         cur = _Line(line, source)
         first = cur.take()
         assert first is not None  # logical lines are never empty
-        if first.kind is Kind.WORD and first.raw == "default":
-            token = cur.take()
-            if token is None or token.kind is not Kind.WORD or token.raw not in _TARGETS:
-                got = _describe(token)
+        try:
+            if first.kind is Kind.WORD and first.raw == "default":
+                target = _default(cur, default_line)
+                default, default_line = target, first.line
+            elif first.kind is Kind.WORD and first.raw in _TARGETS:
+                rules.append(_rule(cur, _TARGETS[first.raw]))
+            else:
                 raise cur.error(
-                    f"expected 'allow', 'block' or 'reject' after 'default', got {got}", token
+                    f"expected 'allow', 'block', 'reject' or 'default', got {_describe(first)}",
+                    first,
                 )
-            extra = cur.peek()
-            if extra is not None:
-                raise cur.error(f"'default' takes only a target, got {_describe(extra)}", extra)
-            if default_line is not None:
-                raise cur.error(f"a second 'default' (the first is on line {default_line})", first)
-            default, default_line = _TARGETS[token.raw], first.line
-        elif first.kind is Kind.WORD and first.raw in _TARGETS:
-            rules.append(_rule(cur, _TARGETS[first.raw]))
-        else:
-            raise cur.error(
-                f"expected 'allow', 'block', 'reject' or 'default', got {_describe(first)}", first
-            )
+        except PolicyError as exc:
+            errors.append(exc)
+    if errors:
+        errors.sort(key=lambda e: (e.line, e.column))
+        raise errors[0] if len(errors) == 1 else PolicyErrors(errors)
     return Parsed(tuple(rules), default, default_line)
+
+
+def _default(cur: _Line, earlier: int | None) -> Target:
+    """The target of a `default` line (its word already taken)."""
+    first_token = cur.tokens[0]
+    token = cur.take()
+    if token is None or token.kind is not Kind.WORD or token.raw not in _TARGETS:
+        got = _describe(token)
+        raise cur.error(f"expected 'allow', 'block' or 'reject' after 'default', got {got}", token)
+    extra = cur.peek()
+    if extra is not None:
+        raise cur.error(f"'default' takes only a target, got {_describe(extra)}", extra)
+    if earlier is not None:
+        raise cur.error(f"a second 'default' (the first is on line {earlier})", first_token)
+    return _TARGETS[token.raw]
 
 
 _SPEC_ATTRIBUTES = ("id", "busid", "serial", "name", "manufacturer", "class", "with-interface")

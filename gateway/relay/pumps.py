@@ -1,9 +1,11 @@
 """Relaying one USB/IP connection between two streams while parsing every frame.
 
-Two pumps share one `Splice`: each reads what its side sends, cuts it into frames,
-and forwards whole frames only, so nothing reaches the far side before it parsed and
-passed the checks. Backpressure is the send: a pump reads no more while the other end
-is not taking what it has.
+Two pumps share one `Splice`: each reads what its side sends, cuts it into frames and
+forwards what passed, so no header reaches the far side before it was parsed and
+checked. A bulk or interrupt URB's data follows its header as it arrives (cut-through);
+a control transfer or an ISO frame, which the gateway reads, goes on once whole.
+Backpressure is the send: a pump reads no more while the other end is not taking what
+it has.
 
 The pumps run in two OS threads per session (`gateway.transport.blocking`: TCP, MPTCP,
 TLS on the standard library's SSLSocket, zstd above TLS), since each URB crosses a
@@ -72,7 +74,7 @@ def _over_budget(sender: Role, exc: OverBudget) -> Outcome:
 def cut_frames(
     splice: Splice, sender: Role, data: bytes, observe: Observe, now: float
 ) -> tuple[bytes | memoryview, bool, ProtocolError | None, int]:
-    """Feed one read from `sender` to `splice` and account its whole frames.
+    """Feed one read from `sender` to `splice` and account the frames (and pieces) in it.
 
     Returns the bytes to forward (those frames, for one write: fewer syscalls and TLS
     records), whether `sender` closed, the error that stopped parsing, if any (the
@@ -135,7 +137,7 @@ def forward(
             activity.at = now
         with lock:
             out, closed, error, held = cut_frames(splice, sender, data, observe, now)
-        if holding is not None and held != holding.held:  # whole frames: nothing to do
+        if holding is not None and held != holding.held:  # nothing held back: nothing to do
             holding.update(held)
         if out:
             sink.send(out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,8 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="publish the devices' strings and endpoint layout here in sysfs's "
-        "layout (DIR/BUSID/serial ...), for a server gateway's policy.sysfs",
+        "layout (DIR/BUSID/serial ...), for a server gateway's policy.sysfs "
+        "(default: not published)",
     )
     parser.set_defaults(func=run_sim)
     return parser
@@ -85,4 +88,12 @@ def run_sim(args: argparse.Namespace) -> int:
 
 
 async def _main(server: SimServer, host: str, port: int) -> None:
-    await serve_sim(server, host=host, port=port)
+    # SIGTERM ends it with status 0. Needed, not only tidy: as a container's PID 1 the
+    # process gets no default action for SIGTERM, and `podman stop` would wait out its
+    # timeout and kill it.
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(serve_sim, server, host=host, port=port))
+            async for _ in signals:
+                log.info("SIGTERM received, stopping")
+                nursery.cancel_scope.cancel()

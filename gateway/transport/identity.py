@@ -43,6 +43,8 @@ class PeerIdentity:
     # basicConstraints CA:TRUE or the keyCertSign key usage: a certificate that can
     # sign others is an authority, not a client.
     signs_certificates: bool = False
+    # The issuer's name (DER): with the serial, what a CRL entry names.
+    issuer: bytes = b""
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> PeerIdentity:
@@ -71,6 +73,7 @@ class PeerIdentity:
             fingerprint_sha256=fingerprint,
             serial=cert.serial_number,
             signs_certificates=_signs_certificates(extensions),
+            issuer=cert.issuer.public_bytes(),
         )
 
     def __str__(self) -> str:

@@ -63,6 +63,31 @@ class SocketOptions:
                 yield socket.IPPROTO_TCP, name, value
 
 
+class ListenError(OSError):
+    """An address this process cannot listen on: in use, not this host's, or not allowed."""
+
+    def __init__(self, address: str, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        hint = " (another process listens there)" if cause.errno == errno.EADDRINUSE else ""
+        super().__init__(cause.errno, f"cannot listen on {address}: {reason}{hint}")
+        self.address = address
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+async def close_listeners(listeners: list[TunedListener]) -> None:
+    for listener in listeners:
+        await trio.aclose_forcefully(listener)
+
+
+def listen_address(host: str | None, port: int) -> str:
+    """HOST:PORT as the configuration writes it (all interfaces: `*`)."""
+    if host is None or host == "":
+        return f"*:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _new_socket(family: int, *, mptcp: bool) -> trio.socket.SocketType:
     global _mptcp_fallback_logged  # noqa: PLW0603 - say it once, not per connection
     if mptcp:
@@ -211,6 +236,9 @@ async def open_tcp_listeners(
                 opts.apply(sock, tolerant=_is_mptcp(sock))
                 await sock.bind(addr)
                 sock.listen(backlog)
+            except OSError as exc:
+                sock.close()
+                raise ListenError(listen_address(host, port), exc) from exc
             except BaseException:
                 sock.close()
                 raise

@@ -11,11 +11,20 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import trio
 
+from gateway.transport.credentials import (
+    Expiry,
+    Purpose,
+    UnfitCertificate,
+    check_own_certificate,
+    read_expiries,
+)
 from gateway.transport.identity import PeerIdentity, identity_from_der
 from gateway.transport.tls_stream import TlsStream
 
@@ -55,7 +64,11 @@ def _check_version(min_version: ssl.TLSVersion) -> None:
 
 
 def _load(
-    ctx: ssl.SSLContext, cert: FilePath, key: FilePath, ca: FilePath, crl: FilePath | None
+    ctx: ssl.SSLContext,
+    cert: FilePath,
+    key: FilePath,
+    ca: FilePath,
+    crl: FilePath | None,
 ) -> None:
     try:
         ctx.load_verify_locations(cafile=ca)
@@ -65,7 +78,16 @@ def _load(
         _load_crl(ctx, crl)
     try:
         ctx.load_cert_chain(certfile=cert, keyfile=key)
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TLSConfigError(
+                f"the key {os.fspath(key)!r} does not match the certificate {os.fspath(cert)!r}"
+            ) from exc
+        raise TLSConfigError(
+            f"cannot load certificate {os.fspath(cert)!r} with key {os.fspath(key)!r}: "
+            f"{_short(exc)}"
+        ) from exc
+    except OSError as exc:
         raise TLSConfigError(
             f"cannot load certificate {os.fspath(cert)!r} with key {os.fspath(key)!r}: "
             f"{_short(exc)}"
@@ -146,16 +168,29 @@ def client_context(
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """The files a context is built from: this gateway's certificate and key, the CA
+    the peer's certificate must chain to, and optionally the CA's revocation list."""
+
+    cert: FilePath
+    key: FilePath
+    ca: FilePath
+    crl: FilePath | None = None
+
+
 class ReloadableContext:
     """Holds the live SSLContext; `reload()` rebuilds it from the files (SIGHUP).
 
     Connections take `.current` when they start, so a reload affects new connections only.
-    A failed reload raises and leaves `.current` as it was.
+    A failed reload raises and leaves `.current`, `.files` and `.expiries` as they were.
     """
 
-    def __init__(self, factory: Callable[[], ssl.SSLContext]) -> None:
-        self._factory = factory
-        self._current = factory()
+    def __init__(self, build: Callable[[TLSFiles], ssl.SSLContext], files: TLSFiles) -> None:
+        self._build = build
+        self._current = build(files)
+        self.files = files
+        self.expiries = _expiries(files)
         self.generation = 1
 
     @classmethod
@@ -169,10 +204,8 @@ class ReloadableContext:
         alpn: Sequence[str] = DEFAULT_ALPN,
         crl: FilePath | None = None,
     ) -> ReloadableContext:
-        alpn = tuple(alpn)
-        return cls(
-            lambda: server_context(cert, key, ca, min_version=min_version, alpn=alpn, crl=crl)
-        )
+        build = partial(_build, "server", server_context, min_version, tuple(alpn))
+        return cls(build, TLSFiles(cert, key, ca, crl))
 
     @classmethod
     def client(
@@ -185,20 +218,45 @@ class ReloadableContext:
         alpn: Sequence[str] = DEFAULT_ALPN,
         crl: FilePath | None = None,
     ) -> ReloadableContext:
-        alpn = tuple(alpn)
-        return cls(
-            lambda: client_context(cert, key, ca, min_version=min_version, alpn=alpn, crl=crl)
-        )
+        build = partial(_build, "client", client_context, min_version, tuple(alpn))
+        return cls(build, TLSFiles(cert, key, ca, crl))
 
     @property
     def current(self) -> ssl.SSLContext:
         return self._current
 
-    def reload(self) -> ssl.SSLContext:
-        new = self._factory()  # raises TLSConfigError before anything changes
+    def reload(self, files: TLSFiles | None = None) -> ssl.SSLContext:
+        """Rebuild from the same files, or from `files` (paths changed in the config)."""
+        files = files or self.files
+        new = self._build(files)  # raises TLSConfigError before anything changes
         self._current = new  # one assignment: readers see the old or the new, never a mix
+        self.files = files
+        self.expiries = _expiries(files)
         self.generation += 1
         return new
+
+
+def _build(
+    purpose: Purpose,
+    make: Callable[..., ssl.SSLContext],
+    min_version: ssl.TLSVersion,
+    alpn: tuple[str, ...],
+    files: TLSFiles,
+) -> ssl.SSLContext:
+    """A gateway's context: OpenSSL reads the files first (its errors come first), then
+    the own certificate must fit the gateway's role now (a test peer's need not)."""
+    context = make(
+        files.cert, files.key, files.ca, min_version=min_version, alpn=alpn, crl=files.crl
+    )
+    try:
+        check_own_certificate(files.cert, purpose)
+    except UnfitCertificate as exc:
+        raise TLSConfigError(str(exc)) from exc
+    return context
+
+
+def _expiries(files: TLSFiles) -> tuple[Expiry, ...]:
+    return read_expiries(files.cert, files.ca, files.crl)
 
 
 # --- peer identity -----------------------------------------------------------------------

@@ -10,7 +10,16 @@ import pytest
 
 from gateway.cli import _overrides, build_parser
 from gateway.config import Address, ConfigError, client_config, load
-from gateway.config.keys import Boolean, Choice, File, HostPort, HostPorts, Integer, Seconds
+from gateway.config.keys import (
+    Boolean,
+    Choice,
+    File,
+    HostPort,
+    HostPorts,
+    Integer,
+    NamedHostPorts,
+    Seconds,
+)
 from gateway.config.schema import ROLES, Declared, declared_keys, role_keys
 from gateway.config.settings import ClientConfig, ServerConfig
 
@@ -21,11 +30,21 @@ COMMON_FLAGS = {
     "--connect-timeout", "--max-transfer-length", "--max-pending-urbs", "--max-connections",
     "--shutdown-timeout", "--log-level", "--log-format", "--metrics-listen",
     "--metrics-no-status", "--metrics-status-listen", "--metrics-device-label", "--compression",
-    "--compression-level", "--mptcp",
+    "--compression-level", "--mptcp", "--nmos", "--nmos-listen",
 }  # fmt: skip
 ROLE_FLAGS = {
-    "server": {"--upstream", "--request-timeout", "--policy", "--audit-log"},
-    "client": {"--server", "--server-name", "--agent"},
+    "server": {
+        "--upstream",
+        "--request-timeout",
+        "--policy",
+        "--allow-cn",
+        "--allow-uri",
+        "--allow-dns",
+        "--audit-log",
+        "--dial",
+        "--dial-name",
+    },
+    "client": {"--server", "--server-name", "--agent", "--reverse-listen", "--reverse-server"},
 }
 
 
@@ -73,6 +92,8 @@ def _sample(d: Declared, files: Path) -> list[str]:
         value = "7"
     elif isinstance(kind, HostPort | HostPorts):
         value = "[::1]:7"
+    elif isinstance(kind, NamedHostPorts):
+        value = "dev.example=[::1]:7"
     elif isinstance(kind, File):
         value = str(files / "gw.pem")
     else:
@@ -88,7 +109,7 @@ def test_each_flag_sets_its_own_key_and_no_other(role: str, tmp_path: Path) -> N
         given = {k: v for k, v in _overrides(role, args).items() if v is not None}
         assert list(given) == [d.dotted]
         value = given[d.dotted]
-        if isinstance(d.key.kind, HostPorts):
+        if isinstance(d.key.kind, HostPorts | NamedHostPorts):
             value = value[0]
         assert d.key.kind.read(value, d.dotted, tmp_path) is not None
 
@@ -142,3 +163,15 @@ def test_boolean_and_seconds_errors_keep_their_wording() -> None:
         Boolean().read("yes", "t.k", Path())
     with pytest.raises(ConfigError, match=r"^t\.k: must be a number of seconds, not True$"):
         Seconds().read(True, "t.k", Path())
+
+
+def test_reverse_servers_are_names_with_local_addresses(tmp_path: Path) -> None:
+    kind = NamedHostPorts(3240)
+    assert kind.read(["dev-a.example=127.0.0.1:3241", "spiffe://lab/b=[::1]"], "k", tmp_path) == (
+        ("dev-a.example", Address("127.0.0.1", 3241)),
+        ("spiffe://lab/b", Address("::1", 3240)),
+    )
+    with pytest.raises(ConfigError, match="not NAME=HOST:PORT"):
+        kind.read(["127.0.0.1:3241"], "k", tmp_path)
+    with pytest.raises(ConfigError, match="twice"):
+        kind.read(["a=127.0.0.1:1", "a=127.0.0.1:2"], "k", tmp_path)

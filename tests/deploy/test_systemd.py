@@ -23,6 +23,8 @@ UNITS = (
     "usbip-bind@.service",
     "usbip-gateway-server.service",
     "usbip-gateway-client.service",
+    "usbip-gateway-crl.service",
+    "usbip-gateway-crl.timer",
 )
 GATEWAYS = ("usbip-gateway-server.service", "usbip-gateway-client.service")
 INSTALLED_PATH = "/opt/usbip-gateway/bin/usbip-gateway"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,48 @@ async def test_renewed_certificates_are_loaded_without_a_signal(
         assert context.generation == 2  # a broken file keeps the old context...
         assert caplog.text.count("TLS reload failed") == 1  # ...and is reported once
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_gateway_closes_sessions_through_a_revoked_server_certificate(
+    pki: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = await start_stack(nursery, tls(pki, "server"), tls(pki, "alice", crl=True))
+    alice = stack.client_address
+    device = await import_device(await trio.open_tcp_stream(alice.host, alice.port), "1-2")
+    async with trio.open_nursery() as inner:
+        inner.start_soon(device.serve)
+        assert (await device.submit(1, Direction.OUT, data=b"before")).status == 0
+        assert certs("revoke", "--dir", str(pki), str(pki / "server.pem")) == 0
+        with caplog.at_level(logging.WARNING, "gateway.edges.client_gateway"):
+            reload(stack.client)
+            with trio.fail_after(10):
+                await device.closed.wait()
+        await device.aclose()
+    assert re.search(
+        r"closing session \d+: server certificate revoked \(serial [0-9a-f]+ in", caplog.text
+    )
+    # New connections are refused too: the server's certificate fails the client's check.
+    with pytest.raises(Exception):  # noqa: B017, PT011
+        await _list(alice)
+
+
+async def test_revoked_client_sessions_left_open_when_revoke_on_reload_is_off(
+    pki: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = await start_stack(nursery, tls(pki, "server", crl=True), tls(pki, "alice"))
+    stack.server.config = dataclasses.replace(
+        stack.server.config,
+        policy=dataclasses.replace(stack.server.config.policy, revoke_on_reload=False),
+    )
+    alice = stack.client_address
+    device = await import_device(await trio.open_tcp_stream(alice.host, alice.port), "1-2")
+    async with trio.open_nursery() as inner:
+        inner.start_soon(device.serve)
+        assert certs("revoke", "--dir", str(pki), str(pki / "alice.pem")) == 0
+        with caplog.at_level(logging.WARNING, "gateway.edges.server_gateway"):
+            reload(stack.server)
+        assert "now denied, left open (revoke_on_reload off): client certificate revoked" in (
+            caplog.text
+        )
+        assert (await device.submit(1, Direction.OUT, data=b"still here")).status == 0
+        await device.aclose()

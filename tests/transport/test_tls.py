@@ -457,7 +457,12 @@ def test_reload_keeps_old_context_on_bad_files(
         trustme_pki.client.cert.unlink()
     else:
         trustme_pki.client.key.write_bytes(trustme_pki.server.key.read_bytes())
-    with pytest.raises(TLSConfigError, match=r"cannot load certificate .*client\.pem"):
+    expected = (
+        r"the key .*client\.key' does not match the certificate .*client\.pem"
+        if broken == "mismatched_key"
+        else r"cannot load certificate .*client\.pem"
+    )
+    with pytest.raises(TLSConfigError, match=expected):
         holder.reload()
     assert holder.current is before
     assert holder.generation == 1

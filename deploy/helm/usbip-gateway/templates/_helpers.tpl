@@ -145,6 +145,15 @@ integers.
 {{- if .Values.server.tls.crl.configMap -}}
 {{- $_ := set (index $managed "tls") "crl" "/etc/usbip-gateway/crl/crl.pem" -}}
 {{- end -}}
+{{- with (.Values.server.reverse | default dict) -}}
+{{- if .dial -}}
+{{- $reverse := dict "dial" .dial "pool" (int (.pool | default 2)) -}}
+{{- if .name -}}
+{{- $_ := set $reverse "name" .name -}}
+{{- end -}}
+{{- $_ := set $managed "reverse" $reverse -}}
+{{- end -}}
+{{- end -}}
 {{- $config := mergeOverwrite (deepCopy (.Values.server.config | default dict)) $managed -}}
 # usbip-gateway server, rendered by the Helm chart. Paths are the pod's mounts.
 {{ include "usbip-gateway.toml" $config }}
