@@ -356,3 +356,34 @@ rk_hostroot_run() { # CMD...: run CMD in the host's root (cwd $RK_REPO), with a 
         HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
         /bin/sh -c 'cd "$0" && exec "$@"' "$RK_REPO" "$@"
 }
+
+rk_storage_pass() { # PREFIX PORT BUSID SLOT: one timed pass over an exported stick
+    # Attaches BUSID through 10.0.2.2:PORT, writes /tmp/pattern.bin at SLOT times its size
+    # (fsync'd), reads RK_B_MB MiB at RK_B_OFFSET_MB to /dev/null with the page cache
+    # dropped before, then checksums that region from the page cache the read filled (so
+    # the checksum costs no transfer and stays out of the timed read), detaches and waits
+    # until usbip-host offers BUSID again. Marks: PREFIX_{attached,written,read_start,
+    # read_end,released}; result PREFIX_read_sha256.
+    local p dev b mb
+    p=$1
+    rk_attach "$2" "$3" || return 1
+    dev=$(rk_vhci_device 46f4 0001) || return 1
+    b=$(rk_wait_block "$dev") || return 1
+    mb=$(($(stat -c %s /tmp/pattern.bin) / 1048576))
+    rk_mark "${p}_attached"
+    dd if=/tmp/pattern.bin of="/dev/$b" bs=1M seek=$(($4 * mb)) conv=fsync 2> /dev/null \
+        || rk_fail "$p: writing /dev/$b failed"
+    rk_mark "${p}_written"
+    blockdev --flushbufs "/dev/$b"
+    echo 3 > /proc/sys/vm/drop_caches
+    rk_mark "${p}_read_start"
+    dd if="/dev/$b" of=/dev/null bs=1M skip="$RK_B_OFFSET_MB" count="$RK_B_MB" 2> /dev/null \
+        || rk_fail "$p: reading /dev/$b failed"
+    rk_mark "${p}_read_end"
+    rk_result "${p}_read_sha256" "$(dd if="/dev/$b" bs=1M skip="$RK_B_OFFSET_MB" \
+        count="$RK_B_MB" 2> /dev/null | sha256sum | cut -d' ' -f1)"
+    rk_detach "$dev" || return 1
+    rk_wait 30 grep -qx 1 "/sys/bus/usb/devices/$3/usbip_status" \
+        || { rk_fail "$p: usbip-host did not release $3 after detach"; return 1; }
+    rk_mark "${p}_released"
+}

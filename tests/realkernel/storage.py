@@ -36,13 +36,16 @@ class StorageImage:
         seed: int = 1,
     ) -> StorageImage:
         rng = random.Random(seed)
-        pattern_a = rng.randbytes(a_mb * MIB)
-        region_b = rng.randbytes(b_mb * MIB)
+        pattern_a = b"".join(rng.randbytes(MIB) for _ in range(a_mb))
         image = directory / "stick.img"
+        region_b = hashlib.sha256()
         with image.open("wb") as fh:
             fh.truncate(size_mb * MIB)
             fh.seek(b_offset_mb * MIB)
-            fh.write(region_b)
+            for _ in range(b_mb):  # a MiB at a time: randbytes stops below 256 MiB
+                chunk = rng.randbytes(MIB)
+                region_b.update(chunk)
+                fh.write(chunk)
         pa = directory / "pattern_a.bin"
         pa.write_bytes(pattern_a)
         return cls(
@@ -52,7 +55,7 @@ class StorageImage:
             b_offset_mb=b_offset_mb,
             b_mb=b_mb,
             pattern_a_sha256=hashlib.sha256(pattern_a).hexdigest(),
-            region_b_sha256=hashlib.sha256(region_b).hexdigest(),
+            region_b_sha256=region_b.hexdigest(),
         )
 
     def params(self) -> dict[str, str | int]:
@@ -60,5 +63,10 @@ class StorageImage:
 
     def image_region_a_sha256(self) -> str:
         """sha256 of the image's first a_mb MiB as it is on the host now."""
+        return self.image_sha256(0, self.a_mb)
+
+    def image_sha256(self, offset_mb: int, mb: int) -> str:
+        """sha256 of `mb` MiB at `offset_mb` of the image as it is on the host now."""
         with self.image.open("rb") as fh:
-            return hashlib.sha256(fh.read(self.a_mb * MIB)).hexdigest()
+            fh.seek(offset_mb * MIB)
+            return hashlib.sha256(fh.read(mb * MIB)).hexdigest()
