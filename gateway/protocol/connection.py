@@ -121,7 +121,6 @@ class _Reader:
         self._need = 1  # bytes past `_pos` to wait for before trying again; a hint only
         self._cut_through = cut_through
         self.follows = 0  # data bytes of a cut-through frame still to come
-        self._checked = False  # the frame just parsed is a CMD_SUBMIT whose header passed
         self._parse_urb = self._parse_cmd if sender is Role.CLIENT else self._parse_ret
 
     @property
@@ -184,9 +183,8 @@ class _Reader:
                 event, end = parsed
                 start = self._pos  # after `_parse`, which may have compacted the buffer
                 raw = _view(self._buf, start, end) if keep_raw else b""
-                urb = state.apply(
-                    self.sender, event, RemoteProtocolError, header_checked=self._checked
-                )
+                # A CMD_SUBMIT read here passed `submit_header_error` in `_parse_cmd`.
+                urb = state.apply(self.sender, event, RemoteProtocolError, header_checked=True)
                 # Only once it passed: a refused frame stays unconsumed, never passed on.
                 self._pos = end
                 self._need = 1
@@ -323,7 +321,6 @@ class _Reader:
             if reason is not None:
                 raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
             direction = _DIRECTIONS[direction]  # 0 or 1, checked above; an Enum call is slow
-            self._checked = True
             data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
             # Bulk and interrupt data is passed on as it arrives; what the gateway reads
@@ -354,7 +351,6 @@ class _Reader:
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
-        self._checked = False
         if command == UrbCommand.CMD_UNLINK:
             _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf, pos)
             return CmdUnlink(seqnum, unlink, devid, direction, ep), pos + URB_HEADER_SIZE

@@ -96,7 +96,8 @@ def cut_frames(
                 closed = True
                 break
             observe(sender, frame, now)
-            out.append(frame.raw)
+            if held:  # otherwise the front of `data` is forwarded, below
+                out.append(frame.raw)
     except ProtocolError as exc:
         error = exc
     left = splice.buffered(sender)
