@@ -29,7 +29,7 @@ from gateway.transport.identity import PeerIdentity, identity_from_der
 from gateway.transport.tls_stream import TlsStream
 
 ALPN_PLAIN = "usbip-gw/1"
-ALPN_ZSTD = "usbip-gw/1+zstd"
+ALPN_ZSTD = "usbip-gw/1+zstd2"  # /2: chunks are independent frames (compression.py)
 DEFAULT_ALPN: tuple[str, ...] = (ALPN_PLAIN,)
 
 FilePath = str | os.PathLike[str]

@@ -34,11 +34,11 @@ BURST = 200  # chunks in one write
 
 
 def zstd_chunks(*payloads: bytes) -> bytes:
-    """One ZSTD chunk per payload, all pieces of one zstd stream (as a sender makes them)."""
-    packer = zstandard.ZstdCompressor().compressobj()
+    """One ZSTD chunk per payload, each one zstd frame (as a sender makes them)."""
+    packer = zstandard.ZstdCompressor()
     out = []
     for payload in payloads:
-        data = packer.compress(payload) + packer.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        data = packer.compress(payload)
         out.append(struct.pack(">BII", ChunkType.ZSTD, len(data), len(payload)) + data)
     return b"".join(out)
 
