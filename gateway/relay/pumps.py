@@ -1,24 +1,27 @@
 """Relaying one USB/IP connection between two streams while parsing every frame.
 
-Two pumps share one `Splice`: each reads what its side sends, cuts it into frames and
-forwards what passed, so no header reaches the far side before it was parsed and
-checked. A bulk or interrupt URB's data follows its header as it arrives (cut-through);
-a control transfer or an ISO frame, which the gateway reads, goes on once whole.
-Backpressure is the send: a pump reads no more while the other end is not taking what
-it has.
+Both directions share one `Splice`: what a side sends is cut into frames and what passed
+is forwarded, so no header reaches the far side before it was parsed and checked. A bulk
+or interrupt URB's data follows its header as it arrives (cut-through); a control
+transfer or an ISO frame, which the gateway reads, goes on once whole. Backpressure: a
+side is not read while the other end has not taken what it sent before.
 
-The pumps run in two OS threads per session (`gateway.transport.blocking`: TCP, MPTCP,
-TLS on the standard library's SSLSocket, zstd above TLS), since each URB crosses a
-gateway twice and a thread wakeup costs far less than Trio's run loop per read, write
-and TLS record. Trio keeps the session: its idle timeout, and cancelling it, which
-wakes the threads.
+`pump` runs both directions of a session in one OS thread, in a `poll` loop over
+non-blocking ends (`gateway.transport.socket_ends`: TCP, MPTCP, TLS on the standard
+library's SSLSocket, zstd above TLS). Each URB crosses a gateway twice, and a thread
+wakeup costs far less than Trio's run loop per read, write and TLS record; one thread
+rather than one per direction, because two threads of a busy session hand the GIL to
+each other around every system call (futex calls and context switches: 8.5 per URB at
+64 KiB, depth 8). Trio keeps the session: its idle timeout, and cancelling it, which
+stops the thread.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
+import os
+import select
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -39,7 +42,7 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay.budget import BufferBudget, Holding, OverBudget
-from gateway.transport.blocking import AnySocketEnd, LinkBroken, Wakeup, socket_end
+from gateway.transport.socket_ends import READ, AnySocketEnd, LinkBroken, socket_end
 
 log = logging.getLogger("gateway.relay.pumps")
 
@@ -108,47 +111,163 @@ def cut_frames(
     return (out[0] if len(out) == 1 else b"".join(out)), closed, error, left
 
 
-# Frames are parsed and accounted to their session under its Splice's lock (both pumps of
-# a session share it); the metric series that sessions of one device share lock
-# themselves (accounting.series), so no lock spans sessions here.
 # Threads are bounded by the sessions the acceptor lets in, not by Trio's default 40.
 _THREADS = trio.CapacityLimiter(math.inf)
+_EMPTY = memoryview(b"")
+_BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
-def forward(
+class Stop:
+    """Asks a session's relay thread to return at once: an eventfd in its poll set,
+    readable for good once set."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.requested = False
+
+    def set(self) -> None:
+        self.requested = True
+        if self.fd != -1:
+            os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        if self.fd != -1:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def pump(
     splice: Splice,
-    sender: Role,
-    source: AnySocketEnd,
-    sink: AnySocketEnd,
+    ends: dict[Role, AnySocketEnd],
     session: Session,
     *,
-    lock: threading.Lock,
+    stop: Stop,
     clock: Callable[[], float] = time.perf_counter,
-    holding: Holding | None = None,
+    holdings: dict[Role, Holding | None] | None = None,
     activity: Activity | None = None,
-) -> Outcome:
-    """Pump one direction in a thread until `sender` closes; returns how it ended.
-    `lock` guards `splice` against the other direction's thread; `holding` counts the
-    partial frames held against the gateway's budget (OverBudget past it)."""
+) -> Outcome | None:
+    """Relay both directions of one session in this thread until either side ends;
+    returns how it ended (None: stopped first).
+
+    Reads and writes are non-blocking; the thread waits in one `poll` for whichever end
+    can go on. Backpressure: a side is not read while what it sent before is still
+    waiting for the other side to take it, so a session holds at most one read per
+    direction (and the frames the splice holds back, counted in `holdings` against the
+    gateway's budget: OverBudget past it). Once the session ends, what is waiting still
+    goes out, for up to `CLOSE_TIMEOUT` seconds.
+    """
+    # Per side, indexed 0 (client) and 1 (server), the other side being 1 - i: lists,
+    # not dicts keyed by Role, whose Enum hash is Python code run several times a pass.
+    roles = (Role.CLIENT, Role.SERVER)
+    end_of = [ends[role] for role in roles]
+    fds = [end.fileno() for end in end_of]
+    holding_of = [(holdings or {}).get(role) for role in roles]
+    # The events each side's next read or write waits for; 0: try it now. A session's
+    # first bytes come after its handshake or import: wait before the first read.
+    read_wait = [READ, READ]
+    write_wait = [0, 0]
+    pending = [_EMPTY, _EMPTY]  # bytes for that side, not yet written
+    interest = [0, 0]  # what the poller has for each side's socket
     observe = session.observe
-    while True:
-        data = source.recv()
-        now = clock()
-        if activity is not None:
-            activity.at = now
-        with lock:
+    poller = select.poll()
+    poller.register(stop.fd, READ)
+    outcome: Outcome | None = None
+    deadline = math.inf
+
+    def end(how: Outcome) -> None:
+        nonlocal outcome, deadline
+        if outcome is None:
+            outcome, deadline = how, clock() + CLOSE_TIMEOUT
+
+    def lost(side: int, exc: LinkBroken) -> None:
+        pending[side] = _EMPTY  # nothing more goes to a broken connection
+        end(Outcome(OutcomeKind.CONNECTION_LOST, f"connection lost: {exc}"))
+
+    def flush(side: int) -> None:
+        try:
+            sent, write_wait[side] = end_of[side].write(pending[side])
+        except LinkBroken as exc:
+            lost(side, exc)
+            return
+        pending[side] = pending[side][sent:]
+
+    def receive(side: int) -> None:
+        """Read what `side` sent and queue the frames that passed for the other."""
+        sender = roles[side]
+        try:
+            data, read_wait[side] = end_of[side].read()
+            if data is None:
+                return
+            now = clock()
+            if activity is not None:
+                activity.at = now
             out, closed, error, held = cut_frames(splice, sender, data, observe, now)
-        if holding is not None and held != holding.held:  # nothing held back: nothing to do
-            holding.update(held)
+            holding = holding_of[side]
+            if holding is not None and held != holding.held:  # whole frames: nothing to do
+                holding.update(held)
+        except ProtocolError as exc:
+            end(protocol_error(sender, exc))
+            return
+        except OverBudget as exc:
+            end(_over_budget(sender, exc))
+            return
+        except LinkBroken as exc:
+            lost(side, exc)
+            return
         if out:
-            sink.send(out)
+            pending[1 - side] = memoryview(out)
+            flush(1 - side)  # at once: most writes go out whole
         if error is not None:
-            raise error
-        if closed:
-            return Outcome(OutcomeKind.CLOSED, f"closed by {sender.value}")
+            end(protocol_error(sender, error))
+        elif closed:
+            end(Outcome(OutcomeKind.CLOSED, f"closed by {sender.value}"))
+
+    while not stop.requested:  # looked at on every pass: a busy session never polls
+        for side in (0, 1):
+            if pending[side] and not write_wait[side]:
+                flush(side)
+            if outcome is None and not read_wait[side] and not pending[1 - side]:
+                receive(side)
+        reading = outcome is None
+        if not reading and not pending[0] and not pending[1]:
+            return outcome
+        if (pending[0] and not write_wait[0]) or (pending[1] and not write_wait[1]):
+            continue  # a write can go on without waiting
+        if reading and (
+            (not read_wait[0] and not pending[1]) or (not read_wait[1] and not pending[0])
+        ):
+            continue  # so can a read
+        for side in (0, 1):
+            events = write_wait[side] if pending[side] else 0
+            if reading and not pending[1 - side]:
+                events |= read_wait[side]
+            if events != interest[side]:
+                if events:
+                    poller.register(fds[side], events)
+                else:
+                    poller.unregister(fds[side])
+                interest[side] = events
+        timeout = None if reading else max(0, math.ceil((deadline - clock()) * 1000))
+        if timeout == 0:
+            return outcome  # what is still waiting could not go out in time
+        for fd, revents in poller.poll(timeout):
+            if fd == fds[0]:
+                side = 0
+            elif fd == fds[1]:
+                side = 1
+            else:  # the stop
+                return outcome
+            if revents & _BROKEN:  # whatever waits learns how from its next call
+                read_wait[side] = write_wait[side] = 0
+                continue
+            if revents & read_wait[side]:
+                read_wait[side] = 0
+            if revents & write_wait[side]:
+                write_wait[side] = 0
+    return outcome
 
 
-async def _relay_in_threads(
+async def _relay_in_thread(
     splice: Splice,
     ends: dict[Role, AnySocketEnd],
     session: Session,
@@ -157,77 +276,31 @@ async def _relay_in_threads(
     activity: Activity,
     clock: Callable[[], float],
 ) -> Outcome | None:
-    """Both pumps in threads; the first to end decides the outcome (None if cancelled)."""
-    outcomes: list[Outcome] = []
-    guard = threading.Lock()
-    splice_lock = threading.Lock()
-
-    def pump(sender: Role) -> None:
-        source, sink = ends[sender], ends[sender.peer]
-        try:
-            outcome = forward(
-                splice,
-                sender,
-                source,
-                sink,
-                session,
-                lock=splice_lock,
-                clock=clock,
-                holding=holdings[sender],
-                activity=activity,
-            )
-        except ProtocolError as exc:
-            outcome = protocol_error(sender, exc)
-        except OverBudget as exc:
-            outcome = _over_budget(sender, exc)
-        except LinkBroken as exc:
-            outcome = Outcome(OutcomeKind.CONNECTION_LOST, f"connection lost: {exc}")
-        with guard:
-            if outcomes:
-                return  # woken by the other pump's ending
-            outcomes.append(outcome)
-        for end in ends.values():
-            end.stop_reading()
-
-    finished = 0
-    first_done, all_done = trio.Event(), trio.Event()
-
-    async def run(sender: Role) -> None:
-        nonlocal finished
-        await trio.to_thread.run_sync(pump, sender, limiter=_THREADS)
-        finished += 1
-        first_done.set()
-        if finished == len(ends):
-            all_done.set()
+    """The session's relay thread; cancelling this stops it (None then)."""
+    stop = Stop()
+    outcome: Outcome | None = None
 
     async def watch() -> None:
         try:
-            await first_done.wait()
-            # The other pump sees the end of its stream, unless it is stuck writing to
-            # a peer that does not read: then it is woken by force.
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await all_done.wait()
-                return
-        except BaseException:  # cancelled: the gateway is stopping or access was revoked
-            for end in ends.values():
-                end.abort()
-            raise
-        for end in ends.values():
-            end.abort()
+            await trio.sleep_forever()
+        finally:  # cancelled: the gateway is stopping, access was revoked, or idle
+            stop.set()
 
-    wakeup = Wakeup()
+    def run() -> Outcome | None:
+        return pump(
+            splice, ends, session, stop=stop, clock=clock, holdings=holdings, activity=activity
+        )
+
     try:
-        for end in ends.values():
-            end.start(wakeup)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
-            for sender in ends:
-                nursery.start_soon(run, sender)
+            outcome = await trio.to_thread.run_sync(run, limiter=_THREADS)
+            nursery.cancel_scope.cancel()
     finally:
         for end in ends.values():
             end.finish()
-        wakeup.close()
-    return outcomes[0] if outcomes else None
+        stop.close()
+    return outcome
 
 
 async def relay(
@@ -265,7 +338,7 @@ async def relay(
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch_idle)
-            ended = await _relay_in_threads(
+            ended = await _relay_in_thread(
                 splice, ends, session, holdings=holdings, activity=activity, clock=clock
             )
             outcome = ended or outcome

@@ -311,6 +311,11 @@ class Decoder:
                 f"compressed stream ended inside a chunk ({len(self._buffer)} bytes of it received)"
             )
 
+    def has_chunk(self) -> bool:
+        """Whether a whole chunk is buffered (`next_chunk` would return it)."""
+        head = self._header()
+        return head is not None and len(self._buffer) >= head[1]
+
     def next_chunk(self) -> tuple[int, bytes] | None:
         """(wire size, plain data) of the next whole chunk, or None until one is in.
 
@@ -583,7 +588,7 @@ class ZstdStream(trio.abc.Stream):
 
     def take_codec(self) -> tuple[Encoder, Decoder, bytes, ByteCounter | None]:
         """The encoder, the decoder, the decoded bytes not yet returned and the byte
-        counter: for a relay thread to carry on with (`gateway.transport.blocking`)."""
+        counter: for a relay thread to carry on with (`gateway.transport.socket_ends`)."""
         receive = self._receive
         ready = receive._ready[receive._offset :]
         receive._ready, receive._offset = b"", 0

@@ -1,14 +1,15 @@
 """TLS on the standard library's `ssl.SSLSocket`, as a Trio stream.
 
 OpenSSL reads and writes the connection's own socket (no memory BIOs, no copies through
-Python), which is what lets an attached session's pumps use the same TLS object from
-blocking threads (`gateway.transport.blocking`). Trio drives the handshake and the op
-phase: the socket is non-blocking, and a call that would block waits on the file
-descriptor with `trio.lowlevel.wait_readable` / `wait_writable`.
+Python), which is what lets an attached session's relay thread use the same TLS object
+(`gateway.transport.socket_ends`). Trio drives the handshake and the op phase: the
+socket is non-blocking, and a call that would block waits on the file descriptor with
+`trio.lowlevel.wait_readable` / `wait_writable`.
 
-Every call into the TLS object holds `lock`: OpenSSL does not promise that one SSL object
-may be used from two threads at once, and reading can touch write state (a peer's
-KeyUpdate). Nothing waits while holding it.
+One thread at a time uses the TLS object: Trio's (before and after the relay) or the
+session's relay thread (in between, while Trio waits for it). OpenSSL does not promise
+that one SSL object may be used from two threads at once, and reading can touch write
+state (a peer's KeyUpdate): here that cannot happen by construction.
 
 Post-handshake messages: a peer's TLS 1.3 KeyUpdate is taken by a read and, when it asks
 for ours, answered by OpenSSL on the next write; the session carries on
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 from typing import Any, Literal, overload
 
 import trio
@@ -67,7 +67,6 @@ class TlsStream(trio.abc.Stream):
             do_handshake_on_connect=False,
             suppress_ragged_eofs=False,  # an EOF without close_notify is an error
         )
-        self.lock = threading.Lock()
         self._handshook = False
         self._broken: BaseException | None = None
         self._closed = False
@@ -123,8 +122,7 @@ class TlsStream(trio.abc.Stream):
         try:
             while True:
                 try:
-                    with self.lock:
-                        result = operation(*args)
+                    result = operation(*args)
                 except ssl.SSLWantReadError:
                     waited = True
                     await trio.lowlevel.wait_readable(sock)
@@ -217,8 +215,7 @@ class TlsStream(trio.abc.Stream):
         sock = self.socket
         while True:
             try:
-                with self.lock:
-                    sock.unwrap()
+                sock.unwrap()
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(sock)
                 continue

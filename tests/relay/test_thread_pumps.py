@@ -38,9 +38,9 @@ from gateway.protocol import (
     Splice,
 )
 from gateway.relay.pumps import relay
-from gateway.transport.blocking import socket_end
 from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
 from gateway.transport.reads import next_event
+from gateway.transport.socket_ends import socket_end
 from gateway.transport.tls_stream import TlsStream, take_socket
 
 from ..protocol.helpers import device, enumeration_steps

@@ -1,88 +1,65 @@
 """Receive buffers are borrowed from a shared pool only while bytes are read.
 
-An idle session's threads wait in `poll` holding none: with hundreds of attached but
+An idle session's thread waits in `poll` holding none: with hundreds of attached but
 quiet devices, the memory is what is being read, not what might be.
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
-from gateway.transport import blocking
-from gateway.transport.blocking import SocketEnd, Wakeup
+from gateway.transport import socket_ends
+from gateway.transport.socket_ends import READ, SocketEnd
 
 
 @pytest.fixture
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts buffers taken from the pool (an empty one, so each take is an allocation)."""
     counter = [0]
-    take = blocking._take_buffer
-    monkeypatch.setattr(blocking, "_BUFFERS", [])
+    take = socket_ends._take_buffer
+    monkeypatch.setattr(socket_ends, "_BUFFERS", [])
 
     def counting() -> memoryview:
         counter[0] += 1
         return take()
 
-    monkeypatch.setattr(blocking, "_take_buffer", counting)
+    monkeypatch.setattr(socket_ends, "_take_buffer", counting)
     return counter
 
 
-def test_waiting_endpoints_hold_no_buffer_and_a_read_returns_its_own(taken: list[int]) -> None:
+def test_a_read_borrows_a_buffer_and_returns_its_own_bytes(taken: list[int]) -> None:
     pairs = [socket.socketpair() for _ in range(20)]
-    wakeups = [Wakeup() for _ in pairs]  # one per session, as the relay has
     ends = []
-    for (_, theirs), wakeup in zip(pairs, wakeups, strict=True):
+    for _, theirs in pairs:
         theirs.setblocking(False)
-        end = SocketEnd(theirs)
-        end.start(wakeup)
-        ends.append(end)
-    got: list[bytes] = []
-    ready = threading.Barrier(len(ends) + 1)
-
-    def read(end: SocketEnd) -> None:
-        ready.wait()
-        got.append(end.recv())
-
-    threads = [threading.Thread(target=read, args=(end,)) for end in ends]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    # One endpoint gets data: it borrows a buffer, reads, and puts it back.
+        ends.append(SocketEnd(theirs))
+    # Nothing to read: the call says what to wait for, and the buffer is back in the pool.
+    assert ends[1].read() == (None, READ)
+    assert len(socket_ends._BUFFERS) == 1
     pairs[0][0].sendall(b"x" * 1000)
-    threads[0].join(timeout=10)
-    assert got == [b"x" * 1000]
-    assert taken[0] == 1
-    assert len(blocking._BUFFERS) == 1
-    # The others were only ever waiting: stopping them takes nothing either.
-    for end in ends[1:]:
-        end.stop_reading()
-    for thread in threads[1:]:
-        thread.join(timeout=10)
-    assert got[1:] == [b""] * (len(ends) - 1)
-    assert taken[0] == 1
-    for end, wakeup in zip(ends, wakeups, strict=True):
+    data, wait = ends[0].read()
+    assert (data, wait) == (b"x" * 1000, READ)  # all the kernel had: poll before the next
+    assert isinstance(data, bytes)  # its own, not a view of the pooled buffer
+    assert taken[0] == 2  # each read borrowed one...
+    assert len(socket_ends._BUFFERS) == 1  # ...the same one: both gave it back
+    for end in ends:
         end.finish()
-        wakeup.close()
     for ours, theirs in pairs:
         ours.close()
         theirs.close()
 
 
 def test_the_pool_keeps_a_bounded_number_of_spares(taken: list[int]) -> None:
-    views = [blocking._take_buffer() for _ in range(blocking._POOLED_BUFFERS + 5)]
+    views = [socket_ends._take_buffer() for _ in range(socket_ends._POOLED_BUFFERS + 5)]
     a, b = socket.socketpair()
     b.setblocking(False)
     end = SocketEnd(b)
-    wakeup = Wakeup()
-    end.start(wakeup)
-    blocking._BUFFERS.extend(views[: blocking._POOLED_BUFFERS])
+    socket_ends._BUFFERS.extend(views[: socket_ends._POOLED_BUFFERS])
     a.sendall(b"y")
-    assert end.recv() == b"y"
-    assert len(blocking._BUFFERS) == blocking._POOLED_BUFFERS
+    assert end.read() == (b"y", READ)
+    assert len(socket_ends._BUFFERS) == socket_ends._POOLED_BUFFERS
     end.finish()
-    wakeup.close()
     a.close()
     b.close()

@@ -7,6 +7,7 @@ compressed; a chunk up to the 1 MiB limit must decode, one over it is refused.
 
 from __future__ import annotations
 
+import select
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,6 @@ import trio
 import trio.testing
 import zstandard
 
-from gateway.transport.blocking import LinkBroken, Wakeup, ZstdSocketEnd, socket_end
 from gateway.transport.compression import (
     MAX_CHUNK,
     ChunkType,
@@ -25,6 +25,7 @@ from gateway.transport.compression import (
     ZstdStream,
     wrap,
 )
+from gateway.transport.socket_ends import AnySocketEnd, LinkBroken, ZstdSocketEnd, socket_end
 from gateway.transport.tls_stream import TlsStream
 
 from ..relay.test_thread_pumps import socket_streams, tls_pair
@@ -103,16 +104,25 @@ async def zstd_endpoint() -> AsyncIterator[tuple[TlsStream, ZstdStream, ZstdSock
     stream = wrap(ours)
     end = socket_end(stream)
     assert isinstance(end, ZstdSocketEnd)
-    wakeup = Wakeup()
-    end.start(wakeup)
     try:
         yield peer, stream, end
     finally:
-        end.abort()
         end.finish()
-        wakeup.close()
         await trio.aclose_forcefully(peer)
         await trio.aclose_forcefully(ours)
+
+
+async def read(end: AnySocketEnd) -> bytes:
+    """The next bytes, waiting for the socket as the relay thread would."""
+    while True:
+        data, wait = end.read()
+        if data is not None:
+            return data
+        with trio.fail_after(10):
+            if wait == select.POLLIN:
+                await trio.lowlevel.wait_readable(end.fileno())
+            else:
+                await trio.lowlevel.wait_writable(end.fileno())
 
 
 @pytest.mark.parametrize("plain_size", [128 * KIB, MAX_CHUNK], ids=["128KiB", "1MiB"])
@@ -121,7 +131,7 @@ async def test_thread_endpoint_decodes_one_chunk_per_recv(plain_size: int) -> No
     async with zstd_endpoint() as (peer, stream, end):
         await peer.send_all(wire)  # one small TLS write
         for n in range(1, 4):
-            got = await trio.to_thread.run_sync(end.recv)
+            got = await read(end)
             assert got == bytes(plain_size)
             # The decoder's own accounting: one chunk per call, the rest still compressed.
             assert stream.received.zstd_chunks == n
@@ -134,13 +144,13 @@ async def test_thread_endpoint_decodes_a_chunk_up_to_the_limit(plain_size: int) 
     big = bytes(range(256)) * (plain_size // 256) + bytes(plain_size % 256)
     async with zstd_endpoint() as (peer, _, end):
         await peer.send_all(zstd_chunks(big, b"after"))
-        assert await trio.to_thread.run_sync(end.recv) == big
-        assert await trio.to_thread.run_sync(end.recv) == b"after"
+        assert await read(end) == big
+        assert await read(end) == b"after"
 
 
 async def test_thread_endpoint_refuses_a_chunk_over_the_limit() -> None:
     async with zstd_endpoint() as (peer, stream, end):
         await peer.send_all(zeros_burst(1, MAX_CHUNK + 1))
         with pytest.raises(LinkBroken, match=r"zstd: .*plain length 1048577 exceeds the limit"):
-            await trio.to_thread.run_sync(end.recv)
+            await read(end)
         assert stream.received.plain_bytes == 0
