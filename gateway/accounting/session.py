@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 _ids = itertools.count(1)
 
+_CLIENT = Role.CLIENT  # per frame: a plain name, not an Enum class attribute
+
 
 @dataclass(slots=True)
 class Session:
@@ -62,7 +64,7 @@ class Session:
         """Account one frame; `now` is a monotonic clock reading."""
         event = frame.event
         kind = type(event)
-        if sender is Role.CLIENT:
+        if sender is _CLIENT:
             self.bytes_from_client += len(frame.raw)
             if kind is CmdSubmit:
                 self.urbs_submitted += 1

@@ -53,6 +53,11 @@ from .state import Limits, PendingUrb, Phase, ProtocolState, Role
 
 _U32 = struct.Struct(">I")
 _DIRECTIONS = (Direction.OUT, Direction.IN)
+# Enum members the per-URB path compares with, as plain names (see protocol.state).
+_CLIENT, _URB, _ERROR = Role.CLIENT, Phase.URB, Phase.ERROR
+_OUT, _IN = _DIRECTIONS
+_CMD_SUBMIT, _CMD_UNLINK = UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK
+_RET_SUBMIT, _RET_UNLINK = UrbCommand.RET_SUBMIT, UrbCommand.RET_UNLINK
 _BUSID_END = OP_HEADER.size + 32
 
 
@@ -155,7 +160,7 @@ class _Reader:
 
     def payload(self, state: ProtocolState) -> Frame | NeedData:
         """The next piece of a cut-through frame's data (`follows` > 0)."""
-        if state.phase is Phase.ERROR:
+        if state.phase is _ERROR:
             raise RemoteProtocolError("the connection already failed")
         start = self._pos
         end = min(len(self._buf), start + self.follows)
@@ -164,7 +169,7 @@ class _Reader:
             self.follows -= end - start
             return Frame(PAYLOAD, _view(self._buf, start, end))
         if self._eof:
-            state.phase = Phase.ERROR
+            state.phase = _ERROR
             raise RemoteProtocolError(
                 f"the {self.sender.value} closed the connection mid-message "
                 f"({self.follows} bytes of data to come)"
@@ -174,11 +179,11 @@ class _Reader:
     def next(
         self, state: ProtocolState, keep_raw: bool
     ) -> tuple[Event, bytes | memoryview, PendingUrb | None] | NeedData:
-        if state.phase is Phase.ERROR:
+        if state.phase is _ERROR:
             raise RemoteProtocolError("the connection already failed")
         if len(self._buf) - self._pos >= self._need:
             # The URB phase goes straight to its parser: this runs for every frame.
-            parsed = self._parse_urb(state) if state.phase is Phase.URB else self._parse(state)
+            parsed = self._parse_urb(state) if state.phase is _URB else self._parse(state)
             if parsed is not None:
                 event, end = parsed
                 start = self._pos  # after `_parse`, which may have compacted the buffer
@@ -192,7 +197,7 @@ class _Reader:
         if self._eof:
             left = len(self._buf) - self._pos
             if left:
-                state.phase = Phase.ERROR
+                state.phase = _ERROR
                 raise RemoteProtocolError(
                     f"the {self.sender.value} closed the connection mid-message "
                     f"({left} bytes unparsed)"
@@ -311,7 +316,7 @@ class _Reader:
             self._need = URB_HEADER_SIZE
             return None
         command = _U32.unpack_from(buf, pos)[0]
-        if command == UrbCommand.CMD_SUBMIT:
+        if command == _CMD_SUBMIT:
             (_, seqnum, devid, direction, ep, flags, length, start, np, interval, setup) = (
                 CMD_SUBMIT_HEADER.unpack_from(buf, pos)
             )
@@ -321,11 +326,11 @@ class _Reader:
             if reason is not None:
                 raise RemoteProtocolError(f"CMD_SUBMIT refused: {reason}")
             direction = _DIRECTIONS[direction]  # 0 or 1, checked above; an Enum call is slow
-            data_end = pos + URB_HEADER_SIZE + (length if direction == Direction.OUT else 0)
+            data_end = pos + URB_HEADER_SIZE + (length if direction == _OUT else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if iso else 0)
             # Bulk and interrupt data is passed on as it arrives; what the gateway reads
             # (control requests, ISO descriptors) is waited for whole.
-            cut = self._cut_through and direction == Direction.OUT and not iso and ep != 0
+            cut = self._cut_through and direction == _OUT and not iso and ep != 0
             if cut:
                 self.follows = max(0, end - len(buf))
                 end = data_end = min(end, len(buf))
@@ -351,7 +356,7 @@ class _Reader:
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
-        if command == UrbCommand.CMD_UNLINK:
+        if command == _CMD_UNLINK:
             _, seqnum, devid, direction, ep, unlink = CMD_UNLINK_HEADER.unpack_from(buf, pos)
             return CmdUnlink(seqnum, unlink, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the client (expected CMD_*)")
@@ -363,7 +368,7 @@ class _Reader:
             self._need = URB_HEADER_SIZE
             return None
         command = _U32.unpack_from(buf, pos)[0]
-        if command == UrbCommand.RET_SUBMIT:
+        if command == _RET_SUBMIT:
             (_, seqnum, devid, direction, ep, status, actual, start, np, errors) = (
                 RET_SUBMIT_HEADER.unpack_from(buf, pos)
             )
@@ -373,14 +378,9 @@ class _Reader:
             reason = state.reply_header_error(urb, actual, np)
             if reason is not None:
                 raise RemoteProtocolError(reason)
-            data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == Direction.IN else 0)
+            data_end = pos + URB_HEADER_SIZE + (actual if urb.direction == _IN else 0)
             end = data_end + (np * ISO_DESCRIPTOR.size if urb.iso else 0)
-            cut = (
-                self._cut_through
-                and urb.direction == Direction.IN
-                and not urb.iso
-                and urb.setup is None
-            )
+            cut = self._cut_through and urb.direction == _IN and not urb.iso and urb.setup is None
             if cut:
                 self.follows = max(0, end - len(buf))
                 end = data_end = min(end, len(buf))
@@ -405,7 +405,7 @@ class _Reader:
             except LocalProtocolError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
             return event, end
-        if command == UrbCommand.RET_UNLINK:
+        if command == _RET_UNLINK:
             _, seqnum, devid, direction, ep, status = RET_UNLINK_HEADER.unpack_from(buf, pos)
             return RetUnlink(seqnum, status, devid, direction, ep), pos + URB_HEADER_SIZE
         raise RemoteProtocolError(f"URB command {command} from the server (expected RET_*)")
@@ -476,17 +476,17 @@ class Splice:
         return self._reader(sender).buffered
 
     def receive_data(self, sender: Role, data: bytes | bytearray | memoryview) -> None:
-        (self._client if sender is Role.CLIENT else self._server).feed(data)
+        (self._client if sender is _CLIENT else self._server).feed(data)
 
     def next_frame(self, sender: Role) -> Frame | NeedData:
         state = self._state
-        reader = self._client if sender is Role.CLIENT else self._server
+        reader = self._client if sender is _CLIENT else self._server
         try:
             if reader.follows:
                 return reader.payload(state)
             result = reader.next(state, True)
         except ProtocolError:
-            state.phase = Phase.ERROR
+            state.phase = _ERROR
             raise
         return result if isinstance(result, NeedData) else Frame(*result)
 

@@ -31,6 +31,7 @@ assert CMD_SUBMIT_HEADER.size == RET_SUBMIT_HEADER.size == URB_HEADER_SIZE
 assert CMD_UNLINK_HEADER.size == RET_UNLINK_HEADER.size == URB_HEADER_SIZE
 
 _U32 = 0xFFFFFFFF
+_OUT = Direction.OUT  # per URB: a plain name, not an Enum class attribute (protocol.state)
 _S32_MIN, _S32_MAX = -(2**31), 2**31 - 1
 
 
@@ -178,7 +179,7 @@ class CmdSubmit:
             raise LocalProtocolError("transfer_buffer_length must be 0..2**31-1")
         if len(self.setup) != 8:
             raise LocalProtocolError("setup must be 8 bytes")
-        expected = self.transfer_buffer_length if self.direction == Direction.OUT else 0
+        expected = self.transfer_buffer_length if self.direction == _OUT else 0
         if len(self.data) != expected and not (self.cut_through and not self.data):
             raise LocalProtocolError(
                 f"CMD_SUBMIT {self.direction.name} carries {expected} data bytes, "

@@ -58,6 +58,13 @@ class Phase(enum.Enum):
     ERROR = "error"
 
 
+# Members the per-URB path compares with, as plain names: on Python 3.11 reading an
+# attribute of an Enum class goes through its metaclass's __getattr__ hook (~65 ns).
+_CLIENT, _URB, _ERROR = Role.CLIENT, Phase.URB, Phase.ERROR
+_OUT, _IN = Direction.OUT, Direction.IN
+_ISO, _UNKNOWN = TransferType.ISOCHRONOUS, TransferType.UNKNOWN
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """DoS bounds. The kernel stub caps ISO packets at 1024 and nothing else."""
@@ -131,7 +138,7 @@ class ProtocolState:
         """Why a CMD_SUBMIT with this header is refused (None if it is not), and whether
         ISO descriptors follow it. Everything that decides where usbip-host ends the
         frame is here, so the reader can refuse before it waits for any payload."""
-        if direction not in (Direction.OUT, Direction.IN):
+        if direction not in (_OUT, _IN):
             return f"direction {direction} is neither 0 nor 1", False
         if not 0 <= length <= self.limits.max_transfer_length:
             return (
@@ -139,11 +146,11 @@ class ProtocolState:
             ), False
         kind = self.layout.transfer_type(ep, direction)  # type: ignore[arg-type]
         np = number_of_packets
-        iso = kind is TransferType.ISOCHRONOUS
+        iso = kind is _ISO
         if iso:
             fits = 0 < np <= self.limits.max_iso_packets
         else:  # runs for every URB: no message is built unless it is needed
-            fits = kind is not None and kind is not TransferType.UNKNOWN and np in _NO_ISO
+            fits = kind is not None and kind is not _UNKNOWN and np in _NO_ISO
         if fits and not (flags & URB_DMA_MAP_SG and length == 0):
             return None, iso
         return self._framing_reason(kind, ep, Direction(direction), np), iso
@@ -205,7 +212,7 @@ class ProtocolState:
         try:
             return self._apply(sender, event, error, header_checked)
         except ProtocolError:
-            self.phase = Phase.ERROR
+            self.phase = _ERROR
             raise
 
     def _apply(
@@ -213,8 +220,8 @@ class ProtocolState:
     ) -> PendingUrb | None:
         phase = self.phase
         kind = type(event)
-        if phase is Phase.URB:
-            if sender is Role.CLIENT:
+        if phase is _URB:
+            if sender is _CLIENT:
                 if kind is CmdSubmit:
                     return self._submit(event, error, header_checked)  # type: ignore[arg-type]
                 if kind is CmdUnlink:
@@ -224,7 +231,7 @@ class ProtocolState:
                     return self._complete(event, error)  # type: ignore[arg-type]
                 if kind is RetUnlink:
                     return self._unlinked(event)  # type: ignore[arg-type]
-        elif phase is Phase.OP_REQUEST and sender is Role.CLIENT:
+        elif phase is Phase.OP_REQUEST and sender is _CLIENT:
             if kind is OpRequestDevlist:
                 self.phase = Phase.DEVLIST_REPLY
                 return None
@@ -240,7 +247,7 @@ class ProtocolState:
         elif phase is Phase.IMPORT_REPLY and sender is Role.SERVER and kind is OpReplyImport:
             self._imported(event, error)  # type: ignore[arg-type]
             return None
-        if phase is Phase.ERROR:
+        if phase is _ERROR:
             raise error("the connection already failed")
         raise error(
             f"{event_name(event)} from the {sender.value} is not allowed in phase {phase.value}"
@@ -287,7 +294,7 @@ class ProtocolState:
                 raise error(reason)
         kind = self.layout.transfer_type(event.ep, event.direction)
         assert kind is not None
-        iso = kind is TransferType.ISOCHRONOUS
+        iso = kind is _ISO
         np = event.number_of_packets
         if iso:
             if len(event.iso_packets) != np:
@@ -330,7 +337,7 @@ class ProtocolState:
         reason = self.reply_header_error(urb, event.actual_length, event.number_of_packets)
         if reason is not None:
             raise error(reason)
-        expected = event.actual_length if urb.direction == Direction.IN else 0
+        expected = event.actual_length if urb.direction == _IN else 0
         if len(event.data) != expected and not (event.cut_through and not event.data):
             raise error(f"RET_SUBMIT {urb.direction.name} carries {expected} data bytes")
         if urb.iso:

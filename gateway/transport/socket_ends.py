@@ -107,7 +107,13 @@ class SocketEnd:
         try:
             while True:
                 try:
-                    count = self.sock.recv_into(view[got:])
+                    if tls is None:
+                        count = self.sock.recv_into(view[got:])
+                    else:
+                        # What SSLSocket.recv_into calls, one Python call less; with a
+                        # buffer it returns a count.
+                        read = tls.read(len(view) - got, view[got:])
+                        count = read if isinstance(read, int) else len(read)
                 except (ssl.SSLWantReadError, BlockingIOError):
                     wait = READ
                     break
