@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from gateway.protocol import (
     ConnectionClosed,
     Direction,
     Event,
+    Frame,
     OpReplyImport,
     OpRequestImport,
     OpStatus,
@@ -37,7 +39,7 @@ from gateway.protocol import (
     Role,
     Splice,
 )
-from gateway.relay.pumps import relay
+from gateway.relay.pumps import CLOSE_TIMEOUT, relay
 from gateway.transport.compression import MAX_CHUNK, ByteCounter, ChunkType, ZstdStream, wrap
 from gateway.transport.reads import next_event
 from gateway.transport.socket_ends import socket_end
@@ -71,6 +73,7 @@ class Relayed:
     session: Session
     outcome: list[Outcome]
     scope: trio.CancelScope
+    ended: trio.Event  # set once the relay returned
 
 
 def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -117,9 +120,12 @@ async def relayed(*, tls: bool = False, zstd: ByteCounter | None = None) -> Asyn
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
 
+        ended = trio.Event()
+
         async def run() -> None:
             with scope:
                 outcome.append(await relay(Splice(), relay_client_stream, relay_server, session))
+            ended.set()
 
         nursery.start_soon(run)
         try:
@@ -129,6 +135,7 @@ async def relayed(*, tls: bool = False, zstd: ByteCounter | None = None) -> Asyn
                 session,
                 outcome,
                 scope,
+                ended,
             )
         finally:
             for stream in (client_stream, server_side):
@@ -176,6 +183,66 @@ async def test_urbs_cross_the_threads_and_the_client_closing_ends_the_session(
     assert r.session.outcome == CLOSED_BY_CLIENT
     assert r.session.urbs_completed == ENUMERATION_URBS + 8
     assert r.session.bytes_from_client == 40 + enumeration_bytes(Role.CLIENT) + 8 * (48 + len(big))
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_one_thread_moves_both_directions_at_once(tls: bool) -> None:
+    """2 MiB each way at the same time, far more than the sockets buffer: the relay's
+    one thread must serve a side while the other is blocked writing, or both stall."""
+    threads: set[int] = set()
+    observe = Session.observe
+
+    def spy(session: Session, sender: Role, frame: Frame, now: float) -> None:
+        threads.add(threading.get_ident())
+        observe(session, sender, frame, now)
+
+    big = bytes(range(256)) * 1024  # 256 KiB
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Session, "observe", spy)
+        async with relayed(tls=tls) as r:
+            await import_device(r)
+            ins = [CmdSubmit(100 + n, INFO.devid, Direction.IN, 2, len(big)) for n in range(8)]
+            await r.client.send(*ins)
+            for cmd in ins:
+                assert await r.server.receive() == cmd
+            outs = [out_urb(n, big) for n in range(1, 9)]
+            rets = [RetSubmit(cmd.seqnum, actual_length=len(big), data=big) for cmd in ins]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(r.client.send, *outs)
+                nursery.start_soon(r.server.send, *rets)
+                for cmd in outs:
+                    assert await r.server.receive() == cmd
+                for ret in rets:
+                    assert await r.client.receive() == ret
+            await r.client.stream.aclose()
+            assert await r.server.receive() == ConnectionClosed()
+    assert r.outcome == [CLOSED_BY_CLIENT]
+    assert r.session.bytes_from_server > 8 * len(big)
+    assert len(threads) == 1  # every frame of both directions, on one thread
+
+
+async def test_what_waits_for_a_peer_that_does_not_read_goes_within_the_close_timeout() -> None:
+    """The client sends a 4 MiB frame the server does not read; then the server ends its
+    side. The session is over (closed by the server) and what waits for the server gets
+    CLOSE_TIMEOUT to go out: the relay returns then, not never, and not at once."""
+    async with relayed() as r:
+        await import_device(r)
+        chunk = out_urb(1, bytes(4 << 20))
+        with trio.move_on_after(5):  # a bound: the relay takes the whole frame first
+            await r.client.send(chunk)
+        assert isinstance(r.server.stream, trio.SocketStream)
+        await r.server.stream.send_eof()
+        started = trio.current_time()
+        with trio.fail_after(CLOSE_TIMEOUT + 5):
+            await r.ended.wait()
+        waited = trio.current_time() - started
+        received = 0
+        with trio.fail_after(10):
+            while data := await r.server.stream.receive_some(1 << 20):
+                received += len(data)
+    assert r.outcome == [Outcome(OutcomeKind.CLOSED, "closed by server")]
+    assert CLOSE_TIMEOUT * 0.9 <= waited <= CLOSE_TIMEOUT + 5
+    assert 0 < received < len(chunk.encode())
 
 
 async def test_zstd_over_tls_crosses_the_threads_too() -> None:
