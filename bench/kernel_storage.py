@@ -53,6 +53,7 @@ from tests.realkernel.image import GuestImage, PrerequisiteError, build_guest
 from tests.realkernel.storage import StorageImage
 
 PATHS = ("direct", "stunnel", "gateway")
+BEFORE = "gateway before"  # with --before DIR: the gateway pair run from another tree
 # socat (bytes only, bench/procs.py's pair) on request: how much any host relay changes.
 OPTIONAL_PATHS = ("socat",)
 LOAD_SAMPLE_S = 5.0
@@ -141,9 +142,10 @@ def guest_timeout(steps: int, read_mb: int, write_mb: int) -> float:
 
 
 async def start_relays(
-    launcher: Launcher, upstream_port: int, paths: Sequence[str]
+    launcher: Launcher, upstream_port: int, paths: Sequence[str], before: Path | None = None
 ) -> dict[str, Path_]:
-    """The relay pairs of `paths` on the host, each to the guest's usbipd."""
+    """The relay pairs of `paths` on the host, each to the guest's usbipd (`BEFORE`: the
+    gateway pair from the tree `before`)."""
     usbipd = Path_("guest usbipd", upstream_port)
     relays = {"direct": usbipd}
     for path in paths:
@@ -153,6 +155,8 @@ async def start_relays(
             relays[path] = await launcher.gateways(usbipd, zstd=False)
         elif path == "socat":
             relays[path] = await launcher.socat(usbipd)
+        elif path == BEFORE and before is not None:
+            relays[path] = await launcher.gateways(usbipd, zstd=False, root=before, tag=" (before)")
     return relays
 
 
@@ -164,6 +168,7 @@ async def measure(
     read_mb: int,
     write_mb: int,
     paths: Sequence[str] = PATHS,
+    before: Path | None = None,
 ) -> Measurement:
     """Boot the guest once and do every (run, path) pass of plan(runs, paths)."""
     steps = plan(runs, paths)
@@ -189,7 +194,9 @@ async def measure(
         memory_mb=384 + read_mb,  # the read region stays in the page cache for its checksum
         trace=False,
     )
-    relays = await start_relays(Launcher(workdir / "logs", certs), guest.hostfwd_port, paths)
+    relays = await start_relays(
+        Launcher(workdir / "logs", certs), guest.hostfwd_port, paths, before
+    )
     try:
         guest.params["RK_STEPS"] = " ".join(
             f"{k}:{relays[path].port}" for k, (_, path) in enumerate(steps)
@@ -283,7 +290,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="work folder kept afterwards (default: temporary)"
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also run the gateway pair from DIR/gateway (e.g. a `git worktree` of an "
+        "earlier revision), to compare a change side by side",
+    )
     args = parser.parse_args(argv)
+    if args.before is not None:
+        args.paths = [*args.paths, BEFORE]
     if args.runs < 1 or args.size_mb < 1 or args.write_mb < 1:
         parser.error("--runs, --size-mb and --write-mb must be at least 1")
     try:
@@ -302,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     read_mb=args.size_mb,
                     write_mb=args.write_mb,
                     paths=args.paths,
+                    before=args.before,
                 )
             )
         except GuestError as exc:
