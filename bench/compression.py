@@ -99,19 +99,18 @@ async def serve_gateways(sim_port: int, algorithm: str, level: int, pki_dir: Pat
             compression=compression,
         )
     )
-    client = ClientGateway(
-        ClientConfig(
-            tls=TLSSettings(paths.client_cert, paths.client_key, paths.ca_cert),
-            server=Address("127.0.0.1", 0),
-            server_name="localhost",
-            listen=(loopback,),
-            compression=compression,
-        )
-    )
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(server.serve)
         port = listeners[0].socket.getsockname()[1]
-        object.__setattr__(client.config, "server", Address("127.0.0.1", port))
+        client = ClientGateway(
+            ClientConfig(
+                tls=TLSSettings(paths.client_cert, paths.client_key, paths.ca_cert),
+                server=Address("127.0.0.1", port),
+                server_name="localhost",
+                listen=(loopback,),
+                compression=compression,
+            )
+        )
         listeners = await nursery.start(client.serve)
         print(f"ready {listeners[0].socket.getsockname()[1]}", flush=True)
         while True:
