@@ -202,10 +202,22 @@ class Run:
 
 
 async def one_run(port: int, blocks: list[bytes]) -> float:
-    from gateway.protocol import Direction  # noqa: PLC0415
-    from gateway.usbip.importer import import_device  # noqa: PLC0415
+    from gateway.protocol import Direction, OpStatus  # noqa: PLC0415
+    from gateway.usbip.importer import ImportRefused, import_device  # noqa: PLC0415
 
-    device = await import_device(await trio.open_tcp_stream("127.0.0.1", port), LOOPBACK_BUSID)
+    # The previous run's session may still hold the simulator's device for a moment
+    # (its close travels through both gateways): retry while it answers DEV_BUSY.
+    deadline = trio.current_time() + 10
+    while True:
+        try:
+            device = await import_device(
+                await trio.open_tcp_stream("127.0.0.1", port), LOOPBACK_BUSID
+            )
+            break
+        except ImportRefused as exc:
+            if exc.status != OpStatus.DEV_BUSY or trio.current_time() > deadline:
+                raise
+            await trio.sleep(0.05)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(device.serve)
         started = time.perf_counter()
