@@ -205,9 +205,6 @@ def pump(
             holding = holding_of[side]
             if holding is not None and held != holding.held:  # whole frames: nothing to do
                 holding.update(held)
-        except ProtocolError as exc:
-            end(protocol_error(sender, exc))
-            return
         except OverBudget as exc:
             end(_over_budget(sender, exc))
             return
